@@ -1,0 +1,373 @@
+"""Data: a synthetic "shapes" set, JSONL readers for three fine-tuning formats, the collator
+that masks labels to the assistant's tokens, and the LightningDataModule tying them together.
+
+A sample is a plain dict, whatever its source:
+    {"id": str, "images": [PIL RGB images],
+     "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ...}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": ...}]}, ...]}
+The image entries sit where the `<image>` placeholders were, in the order of "images".
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset
+
+from .processing import ProcessorSpec
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # what the loss skips (torch's cross_entropy default)
+PLACEHOLDER = "<image>"
+NAMES = ("shapes", "jsonl")
+PADDING_SIDES = ("left", "right")
+
+
+@dataclass
+class DataSpec:
+    name: str = "shapes"              # shapes | jsonl
+    num_train: int = 512              # shapes only: split sizes
+    num_val: int = 64
+    num_test: int = 64
+    image_size: int = 56              # shapes only: 56x56 -> 4 image tokens
+    train_file: str | None = None     # jsonl only: .jsonl (one object a line) or .json (a list)
+    val_file: str | None = None
+    test_file: str | None = None
+    image_root: str | None = None     # image paths are relative to this (default: the file's dir)
+    skip_bad: bool = False            # skip and count bad records instead of raising
+    padding_side: str = "right"       # left | right
+    normalize: bool = True            # False feeds raw 0-255 pixels to the vision tower
+    min_pixels: int = 3136
+    max_pixels: int = 3136
+    num_workers: int = 0
+
+    def check(self) -> None:
+        """One-line errors naming the key and what it allows."""
+        if self.name not in NAMES:
+            raise ValueError(f"data.name={self.name}: allowed {', '.join(NAMES)}")
+        if self.padding_side not in PADDING_SIDES:
+            raise ValueError(f"data.padding_side={self.padding_side}: allowed left, right")
+        if self.name == "jsonl" and not self.train_file:
+            raise ValueError(f"data.train_file={self.train_file}: data=jsonl needs data.train_file")
+        for key in ("num_train", "image_size", "min_pixels", "max_pixels"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"data.{key}={getattr(self, key)}: must be >= 1")
+        for key in ("num_val", "num_test", "num_workers"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"data.{key}={getattr(self, key)}: must be >= 0")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"data.min_pixels={self.min_pixels}: must be <= data.max_pixels="
+                             f"{self.max_pixels}")
+
+    def processor_spec(self) -> ProcessorSpec:
+        return ProcessorSpec(min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+                             normalize=self.normalize)
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes: one coloured shape on a plain background, with a question about it
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
+           "yellow": (235, 215, 20), "purple": (140, 40, 180), "orange": (245, 135, 20)}
+SIZES = {"small": 0.12, "large": 0.2}  # radius as a fraction of the image side
+POSITIONS = {"top left": (0.25, 0.25), "top right": (0.75, 0.25), "bottom left": (0.25, 0.75),
+             "bottom right": (0.75, 0.75), "centre": (0.5, 0.5)}
+BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255), "grey": (128, 128, 128)}
+QUESTIONS = {
+    "shape": ("What shape is this?", "Which shape is in the image?"),
+    "colour": ("What colour is the shape?", "What color is it?"),
+    "position": ("Where is the shape?", "Where is it in the image?"),
+    "caption": ("Describe the image.", "Caption this image."),
+}
+# Every distinct sample: splits are disjoint slices of one seeded shuffle of these keys.
+SHAPE_KEYS = list(itertools.product(SHAPES, COLOURS, SIZES, POSITIONS, BACKGROUNDS, QUESTIONS))
+
+
+def draw_shape(shape: str, colour: str, size: str, position: str, background: str,
+               image_size: int, rng: random.Random) -> Image.Image:
+    image = Image.new("RGB", (image_size, image_size), BACKGROUNDS[background])
+    fx, fy = POSITIONS[position]
+    jitter = image_size * 0.04  # a couple of pixels, so equal keys are not equal pictures
+    x = fx * image_size + rng.uniform(-jitter, jitter)
+    y = fy * image_size + rng.uniform(-jitter, jitter)
+    r = SIZES[size] * image_size
+    fill = COLOURS[colour]
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=fill)
+    else:  # diamond
+        draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
+    return image
+
+
+def shapes_sample(key: tuple, seed: int, image_size: int, sample_id: str) -> dict:
+    shape, colour, size, position, background, kind = key
+    # Seeded by the key, not the index: the same key always gives the same sample.
+    rng = random.Random(f"{seed}-{'-'.join(key)}")
+    image = draw_shape(shape, colour, size, position, background, image_size, rng)
+    question = rng.choice(QUESTIONS[kind])
+    where = "the centre" if position == "centre" else f"the {position}"
+    answer = {"shape": shape, "colour": colour, "position": position,
+              "caption": f"A {size} {colour} {shape} in {where}."}[kind]
+    return {"id": sample_id, "images": [image], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]}
+
+
+def shapes_splits(spec: DataSpec, seed: int) -> dict[str, list[dict]]:
+    sizes = {"train": spec.num_train, "val": spec.num_val, "test": spec.num_test}
+    total = sum(sizes.values())
+    if total > len(SHAPE_KEYS):
+        raise ValueError(f"data.num_train+num_val+num_test={total}: shapes has only "
+                         f"{len(SHAPE_KEYS)} distinct samples")
+    keys = SHAPE_KEYS.copy()
+    random.Random(seed).shuffle(keys)
+    splits, start = {}, 0
+    for split, n in sizes.items():
+        splits[split] = [shapes_sample(k, seed, spec.image_size, f"shapes/{split}/{i}")
+                         for i, k in enumerate(keys[start:start + n])]
+        start += n
+    return splits
+
+
+# ----------------------------------------------------------------------------------------------
+# JSONL: Qwen-VL, LLaMA-Factory and ms-swift records, detected per record
+#   Qwen-VL:       {"image": str | [str], "conversations": [{"from": "human", "value": "<image>\n..."}]}
+#   LLaMA-Factory: {"images": [str], "conversations": [{"from": "human"|"gpt", "value": ...}]}
+#                  (or "messages" with role/content, its sharegpt-with-openai-tags style)
+#   ms-swift:      {"messages": [{"role": "user", "content": "<image>..."}], "images": [str]}
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+         "system": "system"}
+
+
+def parse_record(obj, root: Path) -> tuple[list[Path], list[dict]]:
+    """(image paths, messages) of one record, or a Value/TypeError with a one-line reason."""
+    if not isinstance(obj, dict):
+        raise TypeError(f"unknown format: a {type(obj).__name__}, not a JSON object")
+    if "conversations" in obj:  # Qwen-VL or LLaMA-Factory
+        turns, role_key, text_key = obj["conversations"], "from", "value"
+    elif "messages" in obj:     # ms-swift or LLaMA-Factory with openai-style tags
+        turns, role_key, text_key = obj["messages"], "role", "content"
+    else:
+        raise ValueError(f"unknown format: keys {sorted(obj)}, expected 'conversations' "
+                         "(Qwen-VL, LLaMA-Factory) or 'messages' (ms-swift)")
+    if "image" in obj and "images" in obj:
+        raise ValueError("unknown format: both 'image' and 'images'")
+    images = obj.get("images", obj.get("image")) or []
+    images = [images] if isinstance(images, (str, dict)) else images
+    paths = []
+    for image in images:
+        image = image.get("path") if isinstance(image, dict) else image  # ms-swift allows dicts
+        if not isinstance(image, str):
+            raise TypeError(f"image entry {image!r} is not a path")
+        paths.append(root / image)
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("no turns in the conversation")
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict) or turn.get(role_key) not in ROLES:
+            raise ValueError(f"unknown format: turn {turn!r} needs '{role_key}' in "
+                             f"{', '.join(ROLES)}")
+        text = turn.get(text_key)
+        if not isinstance(text, str):
+            raise TypeError(f"unknown format: turn '{text_key}' is not a string")
+        # The image entries go where the placeholders were; text around them stays as is.
+        content = []
+        for i, piece in enumerate(text.split(PLACEHOLDER)):
+            if i > 0:
+                content.append({"type": "image"})
+            if piece:
+                content.append({"type": "text", "text": piece})
+        messages.append({"role": ROLES[turn[role_key]], "content": content})
+    placeholders = sum(t[text_key].count(PLACEHOLDER) for t in turns)
+    if placeholders != len(paths):
+        raise ValueError(f"{placeholders} {PLACEHOLDER} placeholders but {len(paths)} "
+                         f"image{'s' if len(paths) != 1 else ''}")
+    if not any(m["role"] == "assistant" and m["content"] for m in messages):
+        # No answer tokens means a loss over zero tokens: NaN by construction.
+        raise ValueError("no non-empty assistant turn to learn from")
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"missing image {path}")
+    return paths, messages
+
+
+class JsonlDataset(Dataset):
+    """Map-style: records are parsed and checked up front, images decoded on access."""
+
+    def __init__(self, path: str | Path, image_root: str | Path | None = None,
+                 skip_bad: bool = False):
+        self.path = Path(path)
+        root = Path(image_root) if image_root is not None else self.path.parent
+        self.records: list[tuple] = []  # (line number, image paths, messages)
+        self.skipped = 0
+        first_error = None
+        for label, obj, bad_json in read_objects(self.path):
+            where = f"{self.path}:{label}"
+            try:
+                if bad_json:
+                    raise ValueError(bad_json)
+                paths, messages = parse_record(obj, root)
+                for p in paths:  # reads the header only: catches non-images cheaply
+                    Image.open(p).close()
+            except (ValueError, TypeError, OSError) as e:
+                error = f"{where}: {str(e).splitlines()[0]}"
+                if not skip_bad:
+                    raise ValueError(error) from None
+                self.skipped += 1
+                first_error = first_error or error
+                continue
+            self.records.append((label, paths, messages))
+        if self.skipped:
+            log.warning("skipped %d bad records of %d in %s (data.skip_bad=true); first: %s",
+                        self.skipped, self.skipped + len(self.records), self.path, first_error)
+        if not self.records:
+            raise ValueError(f"{self.path}: no usable records")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        label, paths, messages = self.records[i]
+        try:
+            images = [Image.open(p).convert("RGB") for p in paths]
+        except OSError as e:  # changed on disk since it was checked
+            raise ValueError(f"{self.path}:{label}: {str(e).splitlines()[0]}") from None
+        return {"id": f"{self.path.name}:{label}", "images": images, "messages": messages}
+
+
+def read_objects(path: Path):
+    """Yield (line number, object, None) per record, or (line number, None, why) for bad JSON.
+    A .json file holds one list; its records are numbered "item 1", "item 2", ..."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:  # the whole file is unusable: never skipped
+            raise ValueError(f"{path}:{e.lineno}: bad JSON: {e.msg}") from None
+        if not isinstance(items, list):
+            raise ValueError(f"{path}: a .json file must hold a list of records")
+        for i, obj in enumerate(items, 1):
+            yield f"item {i}", obj, None
+        return
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield n, json.loads(line), None
+            except json.JSONDecodeError as e:
+                yield n, None, f"bad JSON: {e.msg} at column {e.colno}"
+
+
+# ----------------------------------------------------------------------------------------------
+# collation: chat template -> processor -> labels on the assistant's tokens only
+
+
+def assistant_labels(input_ids: torch.Tensor, header: list[int], end_id: int) -> torch.Tensor:
+    """-100 everywhere except each assistant reply: from just after `<|im_start|>assistant\\n`
+    through its closing `<|im_end|>`. Works on token ids, so padding side does not matter."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    h = len(header)
+    for row, ids in enumerate(input_ids.tolist()):
+        i = 0
+        while i + h <= len(ids):
+            if ids[i:i + h] != header:
+                i += 1
+                continue
+            start = end = i + h
+            while end < len(ids) and ids[end] != end_id:
+                end += 1
+            labels[row, start:end + 1] = input_ids[row, start:end + 1]  # includes <|im_end|>
+            i = end + 1
+    return labels
+
+
+class Collator:
+    def __init__(self, processor, padding_side: str = "right"):
+        if padding_side not in PADDING_SIDES:
+            raise ValueError(f"data.padding_side={padding_side}: allowed left, right")
+        self.processor = processor
+        self.padding_side = padding_side
+        tokenizer = processor.tokenizer
+        self.header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+        self.end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        # vision tokens never carry loss, even if a reply holds an image
+        self.vision_ids = torch.tensor(tokenizer.convert_tokens_to_ids(
+            ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+             "<|video_pad|>"]))
+
+    def __call__(self, samples: list[dict]) -> dict:
+        texts = [self.processor.apply_chat_template(s["messages"], tokenize=False)
+                 for s in samples]
+        images = [image for s in samples for image in s["images"]]
+        batch = self.processor(text=texts, images=images or None, padding=True,
+                               padding_side=self.padding_side, return_tensors="pt")
+        batch = dict(batch)
+        if "pixel_values" in batch:  # normalize=False gives uint8; keep one float dtype
+            batch["pixel_values"] = batch["pixel_values"].float()
+        labels = assistant_labels(batch["input_ids"], self.header, self.end_id)
+        labels[torch.isin(batch["input_ids"], self.vision_ids)] = IGNORE_INDEX
+        batch["labels"] = labels
+        batch["sample_ids"] = [s["id"] for s in samples]
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class NanDataModule(L.LightningDataModule):
+    def __init__(self, spec: DataSpec, processor, batch_size: int, seed: int):
+        super().__init__()
+        spec.check()
+        self.spec, self.batch_size, self.seed = spec, batch_size, seed
+        self.collate = Collator(processor, spec.padding_side)
+        self.train = self.val = self.test = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:
+            return
+        spec = self.spec
+        if spec.name == "shapes":
+            splits = shapes_splits(spec, self.seed)
+            self.train, self.val, self.test = splits["train"], splits["val"], splits["test"]
+        else:
+            def read(path):
+                return [] if path is None else JsonlDataset(path, spec.image_root, spec.skip_bad)
+            self.train = read(spec.train_file)
+            self.val, self.test = read(spec.val_file), read(spec.test_file)
+        if len(self.train) < self.batch_size:  # drop_last would leave zero training steps
+            raise ValueError(f"data: {len(self.train)} training samples < batch_size "
+                             f"{self.batch_size}")
+
+    def loader(self, dataset, shuffle: bool) -> DataLoader:
+        # A fresh generator per loader: the same seed gives the same order, epoch by epoch.
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
+                          drop_last=shuffle, generator=generator, collate_fn=self.collate,
+                          num_workers=self.spec.num_workers,
+                          persistent_workers=self.spec.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader(self.train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader(self.val, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader(self.test, shuffle=False)

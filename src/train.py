@@ -1,0 +1,422 @@
+"""The Hydra entry point: config -> plain specs -> fit -> one outcome record.
+
+    python -m src.train precision=bf16 softmax=stable -m lr=1e-5,5e-5
+
+Only this file (and the other entry points) sees Hydra. `run(spec, run_dir)` below is
+plain Python: the replay and the probe call it too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import warnings
+
+import src  # noqa: F401  (sets the offline environment before anything else loads)
+
+from .data import DataSpec
+from .guards import GuardSpec
+from .model import LoraSpec, ModelSpec
+from .module import OptimSpec
+from .monitor import MonitorSpec
+from .precision import PrecisionSpec
+from .attention import SoftmaxSpec
+from .record import Record, find_records, read_record, write_record
+from .stress import StressSpec
+
+# Lightning notes that do not apply here: the module's batch hook is meant to win over the
+# datamodule's; the pytree deprecation is Lightning's own.
+warnings.filterwarnings("ignore", message=".*on_after_batch_transfer.*")
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+warnings.filterwarnings("ignore", message=".*litlogger.*")
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# Keys that change how a run is logged or stored, not what it computes: left out of the hash.
+UNHASHED = ("logger", "force", "trainer", "save", "out_dir")
+
+
+@dataclass
+class LoggerSpec:
+    name: str = "wandb"          # wandb | csv | none
+    mode: str = "offline"        # wandb only: offline | online
+    project: str = "nanlab"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainerSpec:
+    accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"
+    val_every: int = 0           # validate every N steps (0: never)
+    progress: bool = True
+    log_every: int = 1
+
+
+@dataclass
+class SaveSpec:
+    checkpoint: bool = False     # Lightning checkpoint (last.ckpt) for resuming
+    hf: bool = False             # the fine-tuned model in Hugging Face format at the end
+    lora_merged: bool = True
+
+
+@dataclass
+class RunSpec:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    precision: PrecisionSpec = field(default_factory=PrecisionSpec)
+    softmax: SoftmaxSpec = field(default_factory=SoftmaxSpec)
+    stress: StressSpec = field(default_factory=StressSpec)
+    guard: GuardSpec = field(default_factory=GuardSpec)
+    monitor: MonitorSpec = field(default_factory=MonitorSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    logger: LoggerSpec = field(default_factory=LoggerSpec)
+    trainer: TrainerSpec = field(default_factory=TrainerSpec)
+    save: SaveSpec = field(default_factory=SaveSpec)
+    batch_size: int = 4
+    seed: int = 0
+    ckpt_path: str | None = None
+    config_hash: str = ""
+    overrides: list[str] = field(default_factory=list)
+    config: dict = field(default_factory=dict)  # the resolved config, for W&B
+
+
+# --- config -> specs ------------------------------------------------------------------
+
+def _build(cls, node: dict, key: str):
+    """A dataclass from a config node; unknown keys are a one-line error naming them."""
+    node = dict(node or {})
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(node) - set(names))
+    if unknown:
+        raise ValueError(f"{key}.{unknown[0]}: unknown key; allowed: {', '.join(sorted(names))}")
+    return cls(**node)
+
+
+def config_hash(cfg: dict) -> str:
+    kept = {k: v for k, v in cfg.items() if k not in UNHASHED and k != "hydra"}
+    return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def spec_from_config(cfg: dict, overrides: list[str] | None = None) -> RunSpec:
+    """The resolved config (a plain dict) as typed specs, every value checked."""
+    top = {"lr", "warmup_steps", "clip", "max_steps", "weight_decay"}
+    optim = {k: cfg[k] for k in top if k in cfg}
+    optim["vision_lr"] = (cfg.get("model") or {}).get("vision_lr")
+    model_node = dict(cfg.get("model") or {})
+    if isinstance(model_node.get("lora"), dict):
+        model_node["lora"] = _build(LoraSpec, model_node["lora"], "model.lora")
+    spec = RunSpec(
+        model=_build(ModelSpec, model_node, "model"),
+        data=_build(DataSpec, cfg.get("data"), "data"),
+        precision=_build(PrecisionSpec, cfg.get("precision"), "precision"),
+        softmax=_build(SoftmaxSpec, cfg.get("softmax"), "softmax"),
+        stress=_build(StressSpec, cfg.get("stress"), "stress"),
+        guard=_build(GuardSpec, cfg.get("guard"), "guard"),
+        monitor=_build(MonitorSpec, cfg.get("monitor"), "monitor"),
+        optim=_build(OptimSpec, optim, "optim"),
+        logger=_build(LoggerSpec, cfg.get("logger"), "logger"),
+        trainer=_build(TrainerSpec, cfg.get("trainer"), "trainer"),
+        save=_build(SaveSpec, cfg.get("save"), "save"),
+        batch_size=cfg.get("batch_size", 4),
+        seed=cfg.get("seed", 0),
+        ckpt_path=cfg.get("ckpt_path"),
+        config_hash=config_hash(cfg),
+        overrides=list(overrides or []),
+        config=cfg,
+    )
+    check(spec)
+    return spec
+
+
+def check(spec: RunSpec) -> None:
+    o = spec.optim
+    rules = [
+        (not (isinstance(o.lr, (int, float)) and o.lr > 0 and math.isfinite(o.lr)),
+         f"lr={o.lr}: must be a positive number"),
+        (o.warmup_steps < 0, f"warmup_steps={o.warmup_steps}: must be >= 0"),
+        (o.clip < 0, f"clip={o.clip}: must be >= 0 (0 turns clipping off)"),
+        (o.max_steps <= 0, f"max_steps={o.max_steps}: must be > 0"),
+        (spec.batch_size <= 0, f"batch_size={spec.batch_size}: must be > 0"),
+        (spec.logger.name not in ("wandb", "csv", "none"),
+         f"logger={spec.logger.name}: allowed wandb, csv, none"),
+        (spec.logger.mode not in ("offline", "online"),
+         f"logger.mode={spec.logger.mode}: allowed offline, online"),
+    ]
+    for bad, message in rules:
+        if bad:
+            raise ValueError(message)
+    from . import attention, guards, precision, stress
+
+    for allowed, value, key in ((attention.VARIANTS, spec.softmax.name, "softmax"),
+                                (precision.PRECISIONS, spec.precision.name, "precision"),
+                                (stress.STRESSES, spec.stress.name, "stress"),
+                                (guards.GUARDS, spec.guard.name, "guard")):
+        if value not in allowed:
+            raise ValueError(f"{key}={value}: allowed {', '.join(allowed)}")
+
+
+# --- one run ----------------------------------------------------------------------------
+
+def _device(spec: RunSpec) -> str:
+    import torch
+
+    if spec.trainer.accelerator in ("cpu",):
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _logger(spec: RunSpec, run_dir: Path):
+    if spec.logger.name == "none":
+        return False
+    if spec.logger.name == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(run_dir), name="csv")
+    from lightning.pytorch.loggers import WandbLogger
+
+    # mode goes to wandb.init directly: no WANDB_MODE env var leaks into later jobs.
+    return WandbLogger(save_dir=str(run_dir), project=spec.logger.project,
+                       entity=spec.logger.entity, mode=spec.logger.mode,
+                       name=run_dir.name, tags=list(spec.logger.tags), config=spec.config)
+
+
+def base_record(spec: RunSpec, run_dir: Path) -> Record:
+    import torch
+    import transformers
+
+    return Record(
+        precision=spec.precision.name, softmax=spec.softmax.name, lr=float(spec.optim.lr),
+        warmup_steps=spec.optim.warmup_steps, clip=float(spec.optim.clip),
+        normalize=spec.data.normalize, stress=spec.stress.name, guard=spec.guard.name,
+        model=spec.model.name, data=spec.data.name, seed=spec.seed,
+        max_steps=spec.optim.max_steps, config_hash=spec.config_hash,
+        overrides=spec.overrides, run_dir=str(run_dir), torch_version=torch.__version__,
+        transformers_version=transformers.__version__,
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name(),
+    )
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return "cpu: " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return "cpu: " + (platform.processor() or platform.machine())
+
+
+def run(spec: RunSpec, run_dir: str | Path) -> Record:
+    """Build everything, fit, and return the outcome record (also written to run_dir)."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from . import attention, guards, precision, stress
+    from .data import NanDataModule
+    from .model import build_model
+    from .module import NanLabModule
+    from .monitor import NanMonitor
+    from .processing import load_processor
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = base_record(spec, run_dir)
+    started = time.time()
+    logger = None
+    try:
+        L.seed_everything(spec.seed, workers=True, verbose=False)
+        device = _device(spec)
+        processor = load_processor(spec.data.processor_spec(), spec.model.path)
+        data = NanDataModule(spec.data, processor, spec.batch_size, spec.seed)
+        model = build_model(spec.model, spec.seed)
+        attention.apply(model, spec.softmax)
+        module = NanLabModule(model, spec.optim, stress.lr_multiplier(spec.stress),
+                              stress.batch_transform(spec.stress,
+                                                     processor.tokenizer.pad_token_id))
+        if spec.stress.name in ("logit_growth", "outliers"):
+            data.setup("fit")
+            calib = module.transform(next(iter(data.train_dataloader())))
+            stress.apply_to_model(spec.stress, model, calib, module.compute_loss)
+        plugin, precision_callbacks = precision.build_plugin(spec.precision, device)
+        record.half_gemm = getattr(plugin, "half_gemm", "native")
+        guard_callbacks, guard = guards.build_guard(spec.guard, model)
+        monitor = NanMonitor(spec.monitor, tolerate_nonfinite_grads=spec.guard.name == "skip_step")
+        callbacks = [monitor, *guard_callbacks, *precision_callbacks]
+        logger = _logger(spec, run_dir)
+        if logger:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if spec.save.checkpoint:
+            callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
+                                             every_n_train_steps=max(spec.optim.max_steps // 4, 1)))
+        val_every = spec.trainer.val_every
+        trainer = L.Trainer(
+            accelerator=device, devices=spec.trainer.devices, strategy=spec.trainer.strategy,
+            plugins=[plugin], max_steps=spec.optim.max_steps, callbacks=callbacks,
+            logger=logger, default_root_dir=str(run_dir),
+            gradient_clip_val=spec.optim.clip or None, gradient_clip_algorithm="norm",
+            val_check_interval=val_every or None, check_val_every_n_epoch=None,
+            limit_val_batches=1.0 if val_every else 0, num_sanity_val_steps=0,
+            enable_checkpointing=spec.save.checkpoint, enable_progress_bar=spec.trainer.progress,
+            log_every_n_steps=spec.trainer.log_every, enable_model_summary=False,
+        )
+        trainer.fit(module, datamodule=data, ckpt_path=spec.ckpt_path)
+        _fill_outcome(record, trainer, monitor, guard)
+        if monitor.failing_batch is not None:
+            torch.save({k: v for k, v in monitor.failing_batch.items()}, run_dir / "failing_batch.pt")
+        if spec.save.hf and record.status == "ok":
+            from .checkpoint import save_pretrained
+
+            save_pretrained(module.model, processor, run_dir / "hf", spec.save.lora_merged)
+        _write_history(monitor, run_dir)
+    except Exception as e:  # noqa: BLE001 - every failure becomes a record, never a crash
+        record.status = "error"
+        record.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+    finally:
+        record.wall_time_s = round(time.time() - started, 2)
+        write_record(record, run_dir)
+        _finish_logger(logger, record)
+    return record
+
+
+def _fill_outcome(record: Record, trainer, monitor, guard) -> None:
+    h = monitor.history
+    finite = [x for x in h.loss if math.isfinite(x)]
+    record.steps_done = trainer.global_step
+    record.final_loss = finite[-1] if finite else None
+    record.best_loss = min(finite) if finite else None
+    record.max_grad_norm = monitor.max_grad_norm
+    record.max_attn_logit = monitor.max_attn_logit
+    record.loss_spikes = monitor.spikes
+    record.scaler_skips = monitor.scaler_skips
+    record.guard_fired = getattr(guard, "fired", 0)
+    record.steps_per_s = round(len(h.step) / max(time.time() - monitor.started, 1e-9), 3)
+    f = monitor.failure
+    if f is None:
+        record.status = "ok"
+        record.dtype = monitor.attn_dtype
+        return
+    record.status = f.status
+    record.first_bad_step = f.step
+    record.phase, record.module, record.dtype = f.phase, f.module, f.dtype
+
+
+def _write_history(monitor, run_dir: Path) -> None:
+    h = monitor.history
+    lines = ["step,loss,grad_norm,lr"] + [
+        f"{s},{lo},{g},{lr}" for s, lo, g, lr in zip(h.step, h.loss, h.grad_norm, h.lr)]
+    (run_dir / "history.csv").write_text("\n".join(lines) + "\n")
+
+
+def _finish_logger(logger, record: Record) -> None:
+    """Summary and tag on the W&B run, then finish it: every job gets its own run, and a
+    run that did not stay finite is marked failed."""
+    if not logger:
+        return
+    try:
+        from lightning.pytorch.loggers import WandbLogger
+
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            exp = logger.experiment
+            exp.summary.update(record.summary())
+            exp.tags = tuple(exp.tags or ()) + (record.status,)
+            wandb.finish(exit_code=0 if record.status == "ok" else 1, quiet=True)
+        else:
+            logger.finalize(record.status)
+    except Exception as e:  # noqa: BLE001 - the record is already written
+        print(f"warning: could not finish the logger: {e}", file=sys.stderr)
+
+
+# --- the Hydra entry -------------------------------------------------------------------
+
+def find_done(root: Path, config_hash: str) -> Path | None:
+    for path in find_records(root):
+        rec = read_record(path)
+        if rec.config_hash == config_hash and rec.status != "error":
+            return path
+    return None
+
+
+LAST_STATUS: list[str] = []
+
+
+def hydra_job(cfg) -> str:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    overrides = list(hc.overrides.task)
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        spec = spec_from_config(plain, overrides)
+    except Exception as e:  # noqa: BLE001 - a bad cell is a record, the sweep goes on
+        record = Record(status="error", error=f"{type(e).__name__}: {e}", overrides=overrides,
+                        run_dir=str(run_dir))
+        for key in ("precision", "softmax", "stress", "guard"):
+            setattr(record, key, str(OmegaConf.select(cfg, f"{key}.name", default="")))
+        record.lr = float(cfg.get("lr")) if isinstance(cfg.get("lr"), (int, float)) else math.nan
+        record.seed = int(cfg.get("seed", 0))
+        write_record(record, run_dir)
+        print(f"error: {e}", file=sys.stderr)
+        LAST_STATUS.append("error")
+        return "error"
+    if hc.mode.name == "MULTIRUN" and not cfg.get("force", False):
+        done = find_done(Path(hc.sweep.dir), spec.config_hash)
+        if done is not None and done.parent != run_dir:
+            print(f"skip: this cell is done already ({done}); force=true reruns it")
+            LAST_STATUS.append("skipped")
+            return "skipped"
+    record = run(spec, run_dir)
+    print(record.verdict())
+    LAST_STATUS.append(record.status)
+    return record.status
+
+
+def validate_cli(argv: list[str]) -> str | None:
+    """Unknown config-group options, as one line naming the key and the allowed values
+    (Hydra's own message spans several lines and stops a multirun)."""
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"}
+    for arg in argv:
+        if "=" not in arg or arg.startswith("-"):
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key not in groups or value in ("", "null") or "(" in value:
+            continue
+        allowed = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+        for option in value.split(","):
+            if option not in allowed:
+                return f"{key}={option}: unknown option; allowed: {', '.join(allowed)}"
+    return None
+
+
+def main() -> None:
+    import hydra
+
+    problem = validate_cli(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(hydra_job)()
+    multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
+    if not multirun and LAST_STATUS and LAST_STATUS[-1] == "error":
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,10 @@
+"""Shared fixtures. The real processor takes ~10 s to load, so it is built once per session."""
+import pytest
+
+import src  # noqa: F401  (sets HF_HUB_OFFLINE before transformers is imported)
+from src.processing import ProcessorSpec, load_processor
+
+
+@pytest.fixture(scope="session")
+def processor():
+    return load_processor(ProcessorSpec())

@@ -1,0 +1,84 @@
+"""notebooks/nan_map.ipynb runs top to bottom on synthetic results (nbclient, venv kernel)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from nbclient import NotebookClient
+
+from src import report
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "nan_map.ipynb"
+
+
+def _make_records():
+    """The synthetic grid of tests/test_report.py, loaded by path (tests is no package)."""
+    spec = importlib.util.spec_from_file_location("_nanlab_test_report",
+                                                  Path(__file__).with_name("test_report.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.make_records
+
+
+def _kernel_name(tmp_path: Path, monkeypatch) -> str:
+    """'python3' when it runs this interpreter; else a private spec in tmp (nothing global)."""
+    try:
+        spec = KernelSpecManager().get_kernel_spec("python3")
+        exe = spec.argv[0]
+        # jupyter_client swaps a bare "python" for sys.executable when it launches
+        if exe in ("python", "python3") or Path(exe).resolve().is_relative_to(
+                Path(sys.prefix).resolve()):
+            return "python3"
+    except NoSuchKernel:
+        pass
+    kdir = tmp_path / "jupyter" / "kernels" / "nanlab-venv"
+    kdir.mkdir(parents=True)
+    (kdir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "nanlab venv", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    return "nanlab-venv"
+
+
+def _run(nb_path: Path, kernel: str) -> nbformat.NotebookNode:
+    nb = nbformat.read(nb_path, as_version=4)
+    NotebookClient(nb, timeout=120, kernel_name=kernel, allow_errors=False,
+                   resources={"metadata": {"path": str(nb_path.parent)}}).execute()
+    return nb
+
+
+def _outputs(nb, output_type=None):
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+            if output_type is None or o.output_type == output_type]
+
+
+def test_notebook_runs_on_synthetic_results(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    _make_records()(runs, history=True)
+    df = report.collect(runs)
+    report.write_results(df, tmp_path / "out")
+    monkeypatch.setenv("NANLAB_RESULTS", str(tmp_path / "out" / "results.parquet"))
+    nb = _run(NOTEBOOK, _kernel_name(tmp_path, monkeypatch))
+
+    assert not _outputs(nb, "error")
+    text = "".join(o.get("text", "") for o in _outputs(nb, "stream"))
+    assert f"{len(df)} runs" in text
+    images = [o for o in _outputs(nb) if "image/png" in o.get("data", {})]
+    assert len(images) >= 2, "expected the map and the loss curves"
+    html = "".join(o.get("data", {}).get("text/html", "") for o in _outputs(nb))
+    assert "naive -&gt; stable" in html or "naive -> stable" in html
+
+
+def test_notebook_without_histories(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    _make_records()(runs, history=False)
+    report.write_results(report.collect(runs), tmp_path / "out")
+    monkeypatch.setenv("NANLAB_RESULTS", str(tmp_path / "out" / "results.csv"))
+    nb = _run(NOTEBOOK, _kernel_name(tmp_path, monkeypatch))
+    text = "".join(o.get("text", "") for o in _outputs(nb, "stream"))
+    assert "nothing to plot" in text
