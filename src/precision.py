@@ -143,7 +143,7 @@ def build_plugin(spec: PrecisionSpec, device: str) -> tuple[Precision, list[Call
     elif spec.name == "fp16":
         plugin = CpuAwareMixed("16-mixed", device, scaler=torch.amp.GradScaler(device=device))
     elif spec.name == "bf16_true":
-        plugin = CpuAwareHalf(torch.bfloat16)
+        plugin = CpuAwareHalf("bf16-true")
     else:
         if spec.switch_step < 0:
             raise ValueError(f"precision.switch_step={spec.switch_step}: must be >= 0")

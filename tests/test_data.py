@@ -176,7 +176,10 @@ def test_jsonl_collates_with_real_processor(tmp_path, images, processor):
     path = write_jsonl(tmp_path / "train.jsonl", [QWEN, LLAMAFACTORY, SWIFT])
     ds = JsonlDataset(path, image_root=images)
     batch = Collator(processor)([ds[i] for i in range(3)])
-    assert (batch["input_ids"] == IMAGE_PAD).sum().item() == 4 * 4  # 4 images, 4 tokens each
+    # smart_resize rounds 40x30 up to 84x56 (6 tokens) and 20x20 up to 56x56 (4 tokens)
+    grid = batch["image_grid_thw"]
+    assert grid.tolist() == [[1, 4, 6]] * 3 + [[1, 4, 4]]
+    assert (batch["input_ids"] == IMAGE_PAD).sum().item() == grid.prod(1).sum().item() // 4
     texts = [processor.tokenizer.decode(row[row != IGNORE_INDEX]) for row in batch["labels"]]
     assert texts == ["Red.<|im_end|>", "Red, blue.<|im_end|>Yes.<|im_end|>", "Grey.<|im_end|>"]
 
