@@ -6,7 +6,7 @@ under conf/stress/ names the report it follows):
 - logit_growth: q/k projections scaled so the largest attention logit starts at
   `target_logit` in every layer of both towers (Wortsman et al. 2023; Dehghani et al. 2023).
 - outliers: a few residual-stream channels carry massive activations of size `magnitude`,
-  written by the first MLP of each tower (Sun et al. 2024; vLLM issue 13817 in fp16).
+  added by the first MLP of each tower (Sun et al. 2024; vLLM issue 13817 in fp16).
 - masked_rows: every sequence gets `pad` extra left-padding tokens, so the padded query
   rows are fully masked (transformers issue 35151, PyTorch issue 103749).
 - lr_spike: the learning rate is multiplied by `factor` for `length` steps from `at`.
@@ -48,50 +48,48 @@ def apply_to_model(spec: StressSpec, model, batch: dict, compute_loss: Callable)
     if spec.name == "logit_growth":
         _grow_logits(spec, model, batch, compute_loss)
     elif spec.name == "outliers":
-        _massive_activations(spec, model, batch, compute_loss)
+        _massive_activations(spec, model)
 
 
-def _grow_logits(spec, model, batch, compute_loss):
+def _grow_logits(spec, model, batch, compute_loss, passes: int = 4):
+    """Scale q and k by sqrt(target / max logit) per layer. A layer's logits also depend on
+    the layers before it, so repeat until every layer is within 1% of the target."""
     stats = AttentionStats(model)
-    with stats.active():
-        compute_loss(batch)
     modules = dict(model.named_modules())
-    for name, s in stats.summary().items():
-        scale = (spec.target_logit / max(s["max_logit"], 1e-6)) ** 0.5
-        attn = modules[name]
-        if hasattr(attn, "qkv"):  # vision: fused q|k|v rows
-            d = attn.qkv.out_features // 3
-            attn.qkv.weight[: 2 * d] *= scale
-            attn.qkv.bias[: 2 * d] *= scale
-        else:
-            for proj in (attn.q_proj, attn.k_proj):
-                proj.weight *= scale
-                if proj.bias is not None:
-                    proj.bias *= scale
+    for _ in range(passes):
+        with stats.active():
+            compute_loss(batch)
+        scales = {name: (spec.target_logit / max(s["max_logit"], 1e-6)) ** 0.5
+                  for name, s in stats.summary().items()}
+        if all(abs(sc * sc - 1) < 0.01 for sc in scales.values()):
+            return
+        for name, scale in scales.items():
+            attn = modules[name]
+            if hasattr(attn, "qkv"):  # vision: fused q|k|v rows
+                d = attn.qkv.out_features // 3
+                attn.qkv.weight[: 2 * d] *= scale
+                attn.qkv.bias[: 2 * d] *= scale
+            else:
+                for proj in (attn.q_proj, attn.k_proj):
+                    proj.weight *= scale
+                    if proj.bias is not None:
+                        proj.bias *= scale
 
 
-def _massive_activations(spec, model, batch, compute_loss):
+def _massive_activations(spec, model):
+    """Sun et al. find massive activations act as fixed biases on a few residual channels.
+    The first MLP of each tower adds `magnitude` to `channels` of its output: in fp16 the
+    offset itself is inf (past 65,504), as an overflowing accumulation would be; in bf16 and
+    fp32 it is a large finite value. A hook, not a weight, so training cannot unlearn it."""
     inner = model.model
-    downs = [inner.visual.blocks[0].mlp.down_proj, inner.language_model.layers[0].mlp.down_proj]
-    peaks: dict[int, torch.Tensor] = {}
+    for mlp in (inner.visual.blocks[0].mlp, inner.language_model.layers[0].mlp):
+        offset = torch.zeros(mlp.down_proj.out_features)
+        offset[: spec.channels] = spec.magnitude
 
-    def record(mod, args, out):
-        peaks[id(mod)] = out.detach().float().abs().flatten(0, -2).amax(0)
+        def add(mod, args, out, offset=offset):
+            return out + offset.to(device=out.device, dtype=out.dtype)
 
-    handles = [d.register_forward_hook(record) for d in downs]
-    try:
-        compute_loss(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    for down in downs:
-        peak = peaks[id(down)]
-        channels = peak.argsort(descending=True)[: spec.channels]
-        for c in channels:
-            scale = spec.magnitude / max(peak[c].item(), 1e-6)
-            down.weight[c] *= scale
-            if down.bias is not None:
-                down.bias[c] *= scale
+        mlp.register_forward_hook(add)
 
 
 def lr_multiplier(spec: StressSpec) -> Callable[[int], float] | None:

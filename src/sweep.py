@@ -1,0 +1,257 @@
+"""Sweep-level progress: a Hydra callback that reports cells done / total, outcomes so far,
+elapsed and estimated time left.
+
+Configured in conf/config.yaml under `hydra.callbacks.sweep_progress`; active in MULTIRUN
+only. An entry-level helper (it may import hydra), never imported by the modules below.
+
+Where the hooks run depends on the launcher:
+
+* basic launcher: every hook in this process, one cell after another;
+* joblib / submitit: `on_multirun_start` and `on_multirun_end` here, `on_job_start` and
+  `on_job_end` in the worker that runs the cell (a copy of this object, pickled after
+  `on_multirun_start`, so it knows the total and the start time).
+
+So that every process sees the whole sweep, each finished cell leaves a small marker file
+`<sweep dir>/.progress/<session>/<job num>.json` (status, duration); counts are read back
+from those. Where they cannot be written the callback falls back to what this process saw.
+Nothing here may fail a job: every hook swallows its own errors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+from .record import RECORD_NAME, STATUSES
+
+OUTCOMES = (*STATUSES, "skipped")       # ok, nonfinite, diverged, error, skipped
+STYLE = {"ok": "green", "nonfinite": "bold red", "diverged": "yellow", "error": "magenta",
+         "skipped": "dim"}
+PROGRESS_DIR = ".progress"
+
+
+def grid_size(config: Any) -> int | None:
+    """How many cells the sweep has: `hydra.sweeper.params` x the command line's sweeps,
+    exactly as Hydra's BasicSweeper expands them. None for other sweepers (unless they
+    say `n_trials`) or when the overrides cannot be parsed here."""
+    try:
+        sweeper = config.hydra.sweeper
+        if "BasicSweeper" not in str(sweeper.get("_target_", "")):
+            n = sweeper.get("n_trials")
+            return int(n) if n else None
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        params = sweeper.get("params") or {}
+        args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+        overrides = OverridesParser.create().parse_overrides(args)
+        return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
+    except Exception:  # noqa: BLE001 - a display, never a reason to stop
+        return None
+
+
+def job_outcome(config: Any, job_return: Any) -> str:
+    """A finished job's outcome: the task's return value (src.train.hydra_job returns the
+    status, or "skipped"), else the record in its output dir, else "error"."""
+    from hydra.core.utils import JobStatus
+
+    if getattr(job_return, "status", None) == JobStatus.FAILED:
+        return "error"
+    value = getattr(job_return, "_return_value", None)
+    if isinstance(value, str) and value in OUTCOMES:
+        return value
+    try:
+        path = Path(str(config.hydra.runtime.output_dir)) / RECORD_NAME
+        status = json.loads(path.read_text()).get("status")
+        if status in OUTCOMES:
+            return status
+    except Exception:  # noqa: BLE001
+        pass
+    return "error"
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def eta(elapsed: float, done: int, skipped: int, total: int | None) -> float | None:
+    """Time left, from the wall time per cell that trained (skipped cells take ~0 s), so
+    parallel launchers are accounted for; assumes the cells left all train."""
+    trained = done - skipped
+    if total is None or trained <= 0:
+        return None
+    return elapsed / trained * max(total - done, 0)
+
+
+def progress_line(done: int, total: int | None, counts: dict[str, int], elapsed: float | None,
+                  left: float | None, markup: bool = True) -> str:
+    """`sweep 3/8 (38%) │ ok 2 · nonfinite 1 · … │ 1m02s elapsed, ~1m40s left`"""
+    of = f"/{total} ({100 * done / total:.0f}%)" if total else ""
+    parts = []
+    for name in OUTCOMES:
+        n = counts.get(name, 0)
+        text = f"{name} {n}"
+        parts.append(f"[{STYLE[name]}]{text}[/]" if markup and n else text)
+    when = f"{fmt_duration(elapsed)} elapsed" if elapsed is not None else ""
+    if total is not None and done >= total:
+        when += ", finished"
+    elif left is not None:
+        when += f", ~{fmt_duration(left)} left"
+    head = f"[bold]sweep {done}{of}[/]" if markup else f"sweep {done}{of}"
+    return f"{head} │ {' · '.join(parts)}" + (f" │ {when}" if when else "")
+
+
+def _print(text: str) -> None:
+    try:
+        from rich.console import Console
+
+        Console(highlight=False, soft_wrap=True).print(text)
+    except Exception:  # noqa: BLE001 - no rich, or no terminal: plain text
+        import re
+
+        print(re.sub(r"\[/?[a-z ]*\]", "", text))
+    sys.stdout.flush()
+
+
+class SweepProgress(Callback):
+    """Prints a progress line after each cell of a multirun and a summary at its end."""
+
+    def __init__(self, enabled: bool = True, keep_markers: bool = False) -> None:
+        self.enabled = enabled
+        self.keep_markers = keep_markers
+        self.t0: float | None = None
+        self.total: int | None = None
+        self.sweep_dir: Path | None = None
+        self.session: str | None = None
+        self.launcher = ""
+        self.seen: dict[int, dict] = {}     # what this process saw: job num -> marker
+        self._job_t0: float | None = None
+
+    # --- hooks --------------------------------------------------------------------------
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        if not self.enabled:
+            return
+        try:
+            self.t0 = time.time()
+            self.total = grid_size(config)
+            self.sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+            self.session = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+            target = str(config.hydra.launcher.get("_target_", ""))
+            self.launcher = target.rsplit(".", 1)[-1]
+            cells = f"{self.total} cells" if self.total is not None else "cells"
+            _print(f"[bold]sweep:[/] {cells} → {self.sweep_dir} ({self.launcher})")
+        except Exception as e:  # noqa: BLE001
+            _warn("on_multirun_start", e)
+
+    def on_job_start(self, config: Any, **kwargs: Any) -> None:
+        self._job_t0 = time.time()
+
+    def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
+        if not self.enabled or not _is_multirun(config):
+            return
+        try:
+            status = job_outcome(config, job_return)
+            num = int(config.hydra.job.num)
+            took = time.time() - self._job_t0 if self._job_t0 else None
+            marker = {"num": num, "status": status, "seconds": took, "end": time.time()}
+            self.seen[num] = marker
+            self._write_marker(config, marker)
+            markers = self._markers()
+            counts = _count(markers)
+            done = len(markers)
+            elapsed = time.time() - self.t0 if self.t0 else None
+            left = eta(elapsed, done, counts.get("skipped", 0), self.total) if elapsed else None
+            cell = f"[{STYLE.get(status, '')}]{status}[/]"
+            _print(f"cell #{num} {cell} ({fmt_duration(took)}) │ "
+                   + progress_line(done, self.total, counts, elapsed, left))
+        except Exception as e:  # noqa: BLE001
+            _warn("on_job_end", e)
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        if not self.enabled:
+            return
+        try:
+            markers = self._markers()
+            counts = _count(markers)
+            elapsed = time.time() - self.t0 if self.t0 else None
+            line = progress_line(len(markers), self.total, counts, elapsed, None)
+            sweep_dir = self.sweep_dir or Path(str(config.hydra.sweep.dir))
+            try:
+                from rich.console import Console
+                from rich.panel import Panel
+
+                Console(highlight=False).print(Panel(
+                    f"{line}\nrecords: {sweep_dir}\nreport:  python -m src.report {sweep_dir}",
+                    title="sweep done", expand=False))
+            except Exception:  # noqa: BLE001
+                _print(f"sweep done: {line}; python -m src.report {sweep_dir}")
+            if not self.keep_markers and self._session_dir() is not None:
+                shutil.rmtree(self._session_dir(), ignore_errors=True)
+                try:
+                    self._session_dir().parent.rmdir()   # only when no other session is left
+                except OSError:
+                    pass
+        except Exception as e:  # noqa: BLE001
+            _warn("on_multirun_end", e)
+
+    # --- markers ------------------------------------------------------------------------
+
+    def _session_dir(self) -> Path | None:
+        if self.sweep_dir is None or self.session is None:
+            return None
+        return self.sweep_dir / PROGRESS_DIR / self.session
+
+    def _write_marker(self, config: Any, marker: dict) -> None:
+        folder = self._session_dir()
+        if folder is None:      # on_multirun_start did not run for this object
+            return
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{marker['num']}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(marker))
+            os.replace(tmp, folder / f"{marker['num']}.json")
+        except OSError:
+            pass                # read-only or vanished: fall back to what this process saw
+
+    def _markers(self) -> dict[int, dict]:
+        found = dict(self.seen)
+        folder = self._session_dir()
+        if folder is not None and folder.is_dir():
+            for path in folder.glob("*.json"):
+                try:
+                    marker = json.loads(path.read_text())
+                    found[int(marker["num"])] = marker
+                except (OSError, ValueError, KeyError):
+                    continue
+        return found
+
+
+def _count(markers: dict[int, dict]) -> dict[str, int]:
+    counts = {name: 0 for name in OUTCOMES}
+    for marker in markers.values():
+        counts[marker.get("status", "error")] = counts.get(marker.get("status", "error"), 0) + 1
+    return counts
+
+
+def _is_multirun(config: Any) -> bool:
+    try:
+        return str(config.hydra.mode) in ("RunMode.MULTIRUN", "MULTIRUN")
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _warn(hook: str, e: Exception) -> None:
+    print(f"warning: sweep progress ({hook}): {type(e).__name__}: {e}", file=sys.stderr)
