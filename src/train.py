@@ -310,6 +310,8 @@ def _fill_outcome(record: Record, trainer, monitor, guard) -> None:
         return
     record.status = f.status
     record.first_bad_step = f.step
+    if f.status == "nonfinite":
+        record.steps_done = f.step  # steps 0..k-1 finished finite; step k broke
     record.phase, record.module, record.dtype = f.phase, f.module, f.dtype
 
 

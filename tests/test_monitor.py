@@ -1,0 +1,87 @@
+"""The instrument: a forced NaN is caught, located, recorded, replayed, and reproducible."""
+import json
+import math
+from types import SimpleNamespace
+
+import torch
+
+from src.monitor import MonitorSpec, NanMonitor, _hooked_backward, first_nonfinite_forward
+from src.record import read_record
+
+from helpers import FAST, cli
+
+NAN_RUN = ["softmax=naive", "lr=0.3", "precision=fp32", "max_steps=12", "monitor.every=4"]
+
+
+class Sqrt(torch.nn.Module):
+    def forward(self, x):
+        return x.sqrt()
+
+
+def test_forward_locator_names_the_innermost_first_bad_module():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2)),
+                              torch.nn.Linear(2, 2))
+    with torch.no_grad():
+        net[1][0].weight.fill_(float("inf"))
+    name, dtype, out = first_nonfinite_forward(net, lambda: net(torch.ones(1, 2)))
+    assert name == "1.0" and dtype == "float32" and not torch.isfinite(out).all()
+
+
+def test_backward_locator_names_the_module_that_made_the_gradient_non_finite():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), Sqrt(), torch.nn.Linear(2, 1))
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].bias.zero_()  # sqrt(0): finite forward, infinite derivative
+    name, dtype = _hooked_backward(net, lambda: net(torch.ones(1, 2)).sum(),
+                                   lambda loss: loss.backward())
+    assert name == "1" and dtype == "float32"
+
+
+def test_divergence_needs_patience_and_counts_spikes():
+    monitor = NanMonitor(MonitorSpec(diverge_factor=4.0, patience=3, spike_factor=2.0))
+    trainer = SimpleNamespace(should_stop=False)
+    losses = [10, 5, 2, 1, 9, 1, 9, 9, 9, 9]
+    for step, loss in enumerate(losses):
+        monitor._watch_divergence(trainer, step, float(loss))
+        if trainer.should_stop:
+            break
+    assert monitor.failure.status == "diverged"
+    assert monitor.failure.step == 6 and step == 8  # 3 steps above 4 x min(=1) from step 6
+
+
+def test_spikes_are_counted_without_stopping():
+    monitor = NanMonitor(MonitorSpec(diverge_factor=4.0, patience=3, spike_factor=2.0))
+    trainer = SimpleNamespace(should_stop=False)
+    for step, loss in enumerate([4, 4, 4, 4, 12, 4, 4, 4, 4, 12, 4]):
+        monitor._watch_divergence(trainer, step, float(loss))
+    assert monitor.spikes == 2 and monitor.failure is None and not trainer.should_stop
+
+
+def test_forced_nan_run_exits_0_with_verdict_record_and_same_replay(tmp_path):
+    out = cli(*FAST, *NAN_RUN, f"hydra.run.dir={tmp_path / 'a'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    verdict = [line for line in out.stdout.splitlines() if line.startswith("NON-FINITE")]
+    assert len(verdict) == 1 and "model.visual.blocks.0.attn" in verdict[0]
+    rec = read_record(tmp_path / "a" / "record.json")
+    assert rec.status == "nonfinite" and rec.phase == "forward"
+    assert rec.module == "model.visual.blocks.0.attn" and rec.dtype == "float32"
+    assert rec.first_bad_step is not None and 0 < rec.first_bad_step < 12
+    assert rec.steps_done == rec.first_bad_step  # stopped cleanly at the failing step
+    assert (tmp_path / "a" / "failing_batch.pt").exists()
+    history = (tmp_path / "a" / "history.csv").read_text().splitlines()
+    assert len(history) == rec.first_bad_step + 2  # header + steps 0..k
+    assert math.isnan(float(history[-1].split(",")[1]))
+
+    # the same config and seed give the same record
+    again = cli(*FAST, *NAN_RUN, f"hydra.run.dir={tmp_path / 'b'}")
+    rec2 = read_record(tmp_path / "b" / "record.json")
+    for field in ("status", "first_bad_step", "phase", "module", "dtype", "final_loss",
+                  "max_grad_norm", "config_hash"):
+        assert getattr(rec, field) == getattr(rec2, field), field
+    assert again.returncode == 0
+
+    # replay: reruns the recorded config and checks the failure and the batch
+    replay = cli(str(tmp_path / "a"), "--out", str(tmp_path / "replay"), module="src.replay")
+    assert replay.returncode == 0, replay.stdout + replay.stderr[-2000:]
+    assert "replay agrees" in replay.stdout
+    assert json.loads((tmp_path / "replay" / "record.json").read_text())["module"] == rec.module
