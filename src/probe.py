@@ -398,7 +398,7 @@ def settings_of(spec: ProbeSpec, checkpoint: str, table) -> dict:
         "precision": spec.precision.name, "softmax": spec.softmax.name,
         "padding_side": spec.data.padding_side, "stress": spec.stress.name,
         "data": spec.data.name, "samples": len(table), "nonfinite": n_bad,
-        "batch_nonfinite": int(table["batch_nonfinite"].fillna(False).astype(bool).sum()),
+        "batch_nonfinite": int(table["batch_nonfinite"].eq(True).sum()),
         "max_new_tokens": spec.probe.max_new_tokens,
     }
 
@@ -413,23 +413,30 @@ def write(table, settings: dict, out_dir: str | Path) -> Path:
 
 
 def _buckets(values):
-    """A property's values as a few labelled groups: its own values when there are few,
-    else quartiles."""
+    """A property's values as a few labelled groups: its own values when they are few
+    integers, else quartiles."""
     import pandas as pd
 
-    if values.nunique(dropna=False) <= 6:
+    few = values.nunique(dropna=False) <= 6
+    if few and (values.dtype.kind in "iub" or values.nunique(dropna=False) <= 2):
         return values.astype(str)
     try:
-        return pd.qcut(values, 4, duplicates="drop").astype(str)
+        return pd.qcut(values, 4, duplicates="drop", precision=3).astype(str)
     except (ValueError, TypeError):
         return values.astype(str)
 
 
-def print_summary(table, settings: dict, show: int = 20) -> None:
+def _console():
     from rich.console import Console
+
+    # a file or a pipe gets wide tables rather than rich's 80-column default
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def print_summary(table, settings: dict, show: int = 20) -> None:
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     n, bad = len(table), int(table["nonfinite"].sum())
     cell = " ".join(f"{k}={settings[k]}" for k in ("precision", "softmax", "padding_side",
                                                    "stress"))
@@ -492,7 +499,7 @@ def collect(sweep_dir: str | Path):
         for axis in AXES:
             table[axis] = settings[axis]
         table["job"] = str(settings_path.parent.relative_to(sweep_dir))
-        frames.append(table)
+        frames.append(table.dropna(axis=1, how="all"))  # e.g. first_module when all finite
     if not frames:
         raise ValueError(f"{sweep_dir}: no probe tables ({TABLE}.parquet) under it")
     return pd.concat(frames, ignore_index=True)
@@ -507,14 +514,15 @@ def combine(sweep_dir: str | Path, quiet: bool = False):
     long["setting"] = long[varied].apply(
         lambda r: " ".join(f"{a}={r[a]}" for a in varied), axis=1)
     long.to_parquet(sweep_dir / "combined.parquet", index=False)
-    failing_ids = sorted(long.loc[long["nonfinite"].astype(bool), "id"].unique())
-    wide = (long[long["id"].isin(failing_ids)]
-            .pivot_table(index="id", columns="setting", values="nonfinite",
-                         aggfunc=lambda s: not bool(s.astype(bool).any()))
+    bad = long["nonfinite"].astype(bool)
+    failing_ids = sorted(long.loc[bad, "id"].unique())
+    # True: finite under that setting; empty: the sample was not in that job
+    wide = (long.assign(finite=~bad)[long["id"].isin(failing_ids)]
+            .pivot_table(index="id", columns="setting", values="finite", aggfunc="all")
             .reindex(failing_ids))
     settings = list(wide.columns)
     wide["finite_under"] = wide.apply(
-        lambda r: "; ".join(s for s in settings if r[s] is True) or "none", axis=1)
+        lambda r: "; ".join(s for s in settings if r[s] == 1) or "none", axis=1)
     wide.to_csv(sweep_dir / "fixes.csv")
     if not quiet:
         _print_combined(long, wide, settings, failing_ids)
@@ -522,10 +530,9 @@ def combine(sweep_dir: str | Path, quiet: bool = False):
 
 
 def _print_combined(long, wide, settings, failing_ids) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     jobs = long.groupby("setting").agg(samples=("id", "size"), nonfinite=("nonfinite", "sum"))
     t = Table(title=f"probe sweep: {len(failing_ids)} samples non-finite under some setting")
     for col in ("setting", "samples", "non-finite", "failing samples finite here"):

@@ -336,7 +336,7 @@ def _finish_logger(logger, record: Record) -> None:
             exp = logger.experiment
             exp.summary.update(record.summary())
             exp.tags = tuple(exp.tags or ()) + (record.status,)
-            wandb.finish(exit_code=0 if record.status == "ok" else 1, quiet=True)
+            exp.finish(exit_code=0 if record.status == "ok" else 1)
         else:
             logger.finalize(record.status)
     except Exception as e:  # noqa: BLE001 - the record is already written
