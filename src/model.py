@@ -29,6 +29,9 @@ class ModelSpec:
     vision_depth: int = 2
     vision_heads: int = 2
     vision_intermediate_size: int = 128
+    window_size: int = 56                  # vision window in pixels (112 in the real models)
+    fullatt_block_indexes: list[int] | None = None  # default: the last vision block
+    mrope_section: list[int] | None = None          # default: split from the head size
     freeze_vision: bool = False
     freeze_merger: bool = False
     freeze_llm: bool = False
@@ -44,7 +47,7 @@ def tiny_config(spec: ModelSpec):
     head_dim = spec.hidden_size // spec.num_heads
     # M-RoPE splits each head's rotary half into temporal/height/width sections.
     half = head_dim // 2
-    mrope = [half - 2 * (half // 4), half // 4, half // 4]
+    mrope = spec.mrope_section or [half - 2 * (half // 4), half // 4, half // 4]
     return Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=151936,
@@ -67,8 +70,8 @@ def tiny_config(spec: ModelSpec):
             patch_size=14,
             spatial_merge_size=2,
             temporal_patch_size=2,
-            window_size=56,  # 2x2 merged patches per window at 14-px patches
-            fullatt_block_indexes=[spec.vision_depth - 1],  # last block full, the rest windowed
+            window_size=spec.window_size,
+            fullatt_block_indexes=spec.fullatt_block_indexes or [spec.vision_depth - 1],
         ),
         image_token_id=151655,
         video_token_id=151656,

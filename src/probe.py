@@ -53,6 +53,10 @@ SPLITS = ("train", "val", "test")
 AXES = ("precision", "softmax", "padding_side", "stress")  # what a probe sweep varies
 IGNORE_INDEX = -100
 LAYER = re.compile(r"(language_model\.layers|visual\.blocks)\.(\d+)")
+PARTS = {"self_attn": "attention", "attn": "attention", "mlp": "mlp", "merger": "merger",
+         "embed_tokens": "embedding", "patch_embed": "patch_embed", "lm_head": "lm_head",
+         "norm": "norm", "input_layernorm": "norm", "post_attention_layernorm": "norm",
+         "norm1": "norm", "norm2": "norm"}
 
 
 @dataclass
@@ -212,14 +216,10 @@ def locate(name: str | None) -> dict:
     m = LAYER.search(name)
     tower = ("vision" if ".visual." in f".{name}" else "lm_head" if name.startswith("lm_head")
              else "text")
-    tail = name[m.end():].strip(".") if m else name.rsplit(".", 1)[-1]
-    parts = {"self_attn": "attention", "attn": "attention", "mlp": "mlp", "merger": "merger",
-             "embed_tokens": "embedding", "patch_embed": "patch_embed", "lm_head": "lm_head",
-             "norm": "norm", "input_layernorm": "norm", "post_attention_layernorm": "norm",
-             "norm1": "norm", "norm2": "norm"}
-    head = tail.split(".")[0] if tail else "block"
+    names = (name[m.end():] if m else name).strip(".").split(".")
+    part = next((PARTS[n] for n in names if n in PARTS), names[-1] if m is None else "block")
     return {"first_tower": tower, "first_layer": int(m.group(2)) if m else None,
-            "first_part": parts.get(head, head)}
+            "first_part": part}
 
 
 def short(name: str | None) -> str:

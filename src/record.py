@@ -51,6 +51,7 @@ class Record:
     max_steps: int = 0
     wall_time_s: float = 0.0
     steps_per_s: float = 0.0
+    peak_memory_gb: float | None = None  # GPU: max allocated; CPU: the process's max RSS
     # provenance
     config_hash: str = ""
     overrides: list[str] = field(default_factory=list)

@@ -19,6 +19,7 @@ Nothing here may fail a job: every hook swallows its own errors.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -67,20 +68,18 @@ def job_outcome(config: Any, job_return: Any) -> str:
     value = getattr(job_return, "_return_value", None)
     if isinstance(value, str) and value in OUTCOMES:
         return value
+    out = _select(config, "hydra.runtime.output_dir", "")
     try:
-        path = Path(str(config.hydra.runtime.output_dir)) / RECORD_NAME
-        status = json.loads(path.read_text()).get("status")
-        if status in OUTCOMES:
-            return status
-    except Exception:  # noqa: BLE001
-        pass
-    return "error"
+        status = json.loads((Path(str(out)) / RECORD_NAME).read_text()).get("status") if out else None
+    except (OSError, ValueError, AttributeError):
+        status = None
+    return status if status in OUTCOMES else "error"
 
 
 def fmt_duration(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds or seconds < 0:
+    if seconds is None or math.isnan(seconds) or seconds < 0:
         return "?"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
@@ -99,18 +98,22 @@ def progress_line(done: int, total: int | None, counts: dict[str, int], elapsed:
                   left: float | None, markup: bool = True) -> str:
     """`sweep 3/8 (38%) │ ok 2 · nonfinite 1 · … │ 1m02s elapsed, ~1m40s left`"""
     of = f"/{total} ({100 * done / total:.0f}%)" if total else ""
-    parts = []
-    for name in OUTCOMES:
-        n = counts.get(name, 0)
-        text = f"{name} {n}"
-        parts.append(f"[{STYLE[name]}]{text}[/]" if markup and n else text)
     when = f"{fmt_duration(elapsed)} elapsed" if elapsed is not None else ""
     if total is not None and done >= total:
         when += ", finished"
     elif left is not None:
         when += f", ~{fmt_duration(left)} left"
     head = f"[bold]sweep {done}{of}[/]" if markup else f"sweep {done}{of}"
-    return f"{head} │ {' · '.join(parts)}" + (f" │ {when}" if when else "")
+    return f"{head} │ {counts_text(counts, markup)}" + (f" │ {when}" if when else "")
+
+
+def counts_text(counts: dict[str, int], markup: bool = True) -> str:
+    """`ok 2 · nonfinite 1 · diverged 0 · error 0 · skipped 0`, coloured where non-zero."""
+    parts = []
+    for name in OUTCOMES:
+        text = f"{name} {counts.get(name, 0)}"
+        parts.append(f"[{STYLE[name]}]{text}[/]" if markup and counts.get(name) else text)
+    return " · ".join(parts)
 
 
 def _print(text: str) -> None:
@@ -164,7 +167,7 @@ class SweepProgress(Callback):
             return
         try:
             status = job_outcome(config, job_return)
-            num = int(config.hydra.job.num)
+            num = _select(config, "hydra.job.num", len(self.seen))
             took = time.time() - self._job_t0 if self._job_t0 else None
             marker = {"num": num, "status": status, "seconds": took, "end": time.time()}
             self.seen[num] = marker
@@ -187,17 +190,20 @@ class SweepProgress(Callback):
             markers = self._markers()
             counts = _count(markers)
             elapsed = time.time() - self.t0 if self.t0 else None
-            line = progress_line(len(markers), self.total, counts, elapsed, None)
-            sweep_dir = self.sweep_dir or Path(str(config.hydra.sweep.dir))
+            done = len(markers)
+            of = f"{done}/{self.total}" if self.total is not None else f"{done}"
+            took = f" in {fmt_duration(elapsed)}" if elapsed is not None else ""
+            sweep_dir = self.sweep_dir or Path(str(_select(config, "hydra.sweep.dir", ".")))
+            lines = [f"{of} cells{took}", counts_text(counts),
+                     f"records: {sweep_dir}", f"report:  python -m src.report {sweep_dir}"]
             try:
                 from rich.console import Console
                 from rich.panel import Panel
 
-                Console(highlight=False).print(Panel(
-                    f"{line}\nrecords: {sweep_dir}\nreport:  python -m src.report {sweep_dir}",
-                    title="sweep done", expand=False))
+                Console(highlight=False).print(Panel("\n".join(lines), title="sweep done",
+                                                     expand=False))
             except Exception:  # noqa: BLE001
-                _print(f"sweep done: {line}; python -m src.report {sweep_dir}")
+                _print("sweep done: " + "; ".join(lines))
             if not self.keep_markers and self._session_dir() is not None:
                 shutil.rmtree(self._session_dir(), ignore_errors=True)
                 try:
@@ -244,6 +250,17 @@ def _count(markers: dict[int, dict]) -> dict[str, int]:
     for marker in markers.values():
         counts[marker.get("status", "error")] = counts.get(marker.get("status", "error"), 0) + 1
     return counts
+
+
+def _select(config: Any, key: str, default: Any) -> Any:
+    """config's value at a dotted key, or default where it is missing or not set."""
+    try:
+        from omegaconf import OmegaConf
+
+        value = OmegaConf.select(config, key, default=default, throw_on_missing=False)
+        return default if value is None else value
+    except Exception:  # noqa: BLE001
+        return default
 
 
 def _is_multirun(config: Any) -> bool:

@@ -137,6 +137,16 @@ def spec_from_config(cfg: dict, overrides: list[str] | None = None) -> RunSpec:
     return spec
 
 
+def compose_spec(*overrides: str) -> RunSpec:
+    """The RunSpec that `python -m src.train OVERRIDES...` would run (for tests, benchmarks)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return spec_from_config(OmegaConf.to_container(cfg, resolve=True), list(overrides))
+
+
 def check(spec: RunSpec) -> None:
     o = spec.optim
     rules = [
@@ -217,8 +227,9 @@ def _cpu_name() -> str:
     return "cpu: " + (platform.processor() or platform.machine())
 
 
-def run(spec: RunSpec, run_dir: str | Path) -> Record:
-    """Build everything, fit, and return the outcome record (also written to run_dir)."""
+def run(spec: RunSpec, run_dir: str | Path, extra_callbacks: list | None = None) -> Record:
+    """Build everything, fit, and return the outcome record (also written to run_dir).
+    `extra_callbacks` lets the benchmark time steps without touching the setup."""
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -253,7 +264,7 @@ def run(spec: RunSpec, run_dir: str | Path) -> Record:
         record.half_gemm = getattr(plugin, "half_gemm", "native")
         guard_callbacks, guard = guards.build_guard(spec.guard, model)
         monitor = NanMonitor(spec.monitor, tolerate_nonfinite_grads=spec.guard.name == "skip_step")
-        callbacks = [monitor, *guard_callbacks, *precision_callbacks]
+        callbacks = [monitor, *guard_callbacks, *precision_callbacks, *(extra_callbacks or [])]
         logger = _logger(spec, run_dir)
         if logger:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -303,6 +314,7 @@ def _fill_outcome(record: Record, trainer, monitor, guard) -> None:
     record.scaler_skips = monitor.scaler_skips
     record.guard_fired = getattr(guard, "fired", 0)
     record.steps_per_s = round(len(h.step) / max(time.time() - monitor.started, 1e-9), 3)
+    record.peak_memory_gb = round(_peak_memory_gb(), 3)
     f = monitor.failure
     if f is None:
         record.status = "ok"
@@ -313,6 +325,16 @@ def _fill_outcome(record: Record, trainer, monitor, guard) -> None:
     if f.status == "nonfinite":
         record.steps_done = f.step  # steps 0..k-1 finished finite; step k broke
     record.phase, record.module, record.dtype = f.phase, f.module, f.dtype
+
+
+def _peak_memory_gb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _write_history(monitor, run_dir: Path) -> None:

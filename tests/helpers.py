@@ -6,10 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-
-from src.train import CONF_DIR, RunSpec, spec_from_config
+from src.train import RunSpec, compose_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small and fast: a few steps on a few shapes samples, no logger, no progress bar.
@@ -18,11 +15,7 @@ FAST = ["data.num_train=16", "data.num_val=4", "data.num_test=4", "max_steps=3",
 
 
 def spec(*overrides: str, fast: bool = True) -> RunSpec:
-    args = (FAST if fast else []) + list(overrides)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=args)
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    return spec_from_config(plain, args)
+    return compose_spec(*(FAST if fast else []), *overrides)
 
 
 def cli(*args: str, module: str = "src.train", timeout: int = 600) -> subprocess.CompletedProcess:
