@@ -331,6 +331,27 @@ class Collator:
 # ----------------------------------------------------------------------------------------------
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffles with seed + epoch (Lightning calls set_epoch) and skips the first `skip`
+    samples of its next pass: the same seed gives the same order, epoch by epoch, and a run
+    resumed mid-epoch gets the batches it had not trained on."""
+
+    def __init__(self, n: int, seed: int, skip: int = 0):
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, skip
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n  # a full epoch: Lightning sizes its epoch loop from this
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:])
+
+
 class NanDataModule(L.LightningDataModule):
     def __init__(self, spec: DataSpec, processor, batch_size: int, seed: int):
         super().__init__()
@@ -356,15 +377,22 @@ class NanDataModule(L.LightningDataModule):
                              f"{self.batch_size}")
 
     def loader(self, dataset, shuffle: bool) -> DataLoader:
-        # A fresh generator per loader: the same seed gives the same order, epoch by epoch.
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
-                          drop_last=shuffle, generator=generator, collate_fn=self.collate,
+                          drop_last=shuffle, collate_fn=self.collate,
                           num_workers=self.spec.num_workers,
                           persistent_workers=self.spec.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader(self.train, shuffle=True)
+        # ckpt_path=: Lightning has restored global_step before it asks for the loader, so a
+        # run resumed mid-epoch skips the batches it already trained on (one step a batch).
+        per_epoch = len(self.train) // self.batch_size
+        trainer = getattr(self, "trainer", None)
+        done = trainer.global_step % per_epoch if trainer is not None and per_epoch else 0
+        sampler = EpochSampler(len(self.train), self.seed, skip=done * self.batch_size)
+        return DataLoader(self.train, batch_size=self.batch_size, drop_last=True,
+                          sampler=sampler, collate_fn=self.collate,
+                          num_workers=self.spec.num_workers,
+                          persistent_workers=self.spec.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self.loader(self.val, shuffle=False)

@@ -18,8 +18,9 @@ it (`batch_size`, `data.padding_side`, `stress=masked_rows` adds left padding), 
    The vision tower's attention runs per image/window chunk with no sample dimension, so a
    batched forward cannot say which sample a vision chunk belongs to; a row alone can, for
    both towers, with no second set of hooks. Masks, positions and every op of the model
-   are per row, so the row alone computes what its row of the batch computed (the
-   summary counts any row where the two disagree);
+   are per row, so the row alone computes what its row of the batch computed, up to the
+   summation order a GPU kernel may pick for another batch size (the summary counts any
+   row where the two disagree);
 3. optionally (`probe.max_new_tokens` > 0) greedy `generate` from the row's prompt (the
    row cut before its last assistant reply, left padding kept), under the same hooks.
 
@@ -131,7 +132,9 @@ def load_samples(spec: ProbeSpec) -> list[dict]:
 
     data = spec.data
     if data.name == "shapes":
-        # only the asked split is drawn at full size; the others just fix the shuffle
+        # splits are slices of one seeded shuffle: the training run's seed and split sizes
+        # (data.num_train, data.num_val) give back its test split
+        data.check()
         samples = shapes_splits(data, spec.seed)[spec.split]
     else:
         path = getattr(data, f"{spec.split}_file")
@@ -248,9 +251,9 @@ def _sample_loss(logits, labels) -> float:
 def _prompt(row: dict) -> dict:
     """The row cut before its last assistant reply (its left padding kept)."""
     labels = row["labels"][0]
-    supervised = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
-    start = supervised[-1] if supervised else labels.numel()
-    while supervised and start - 1 in supervised:
+    supervised = set((labels != IGNORE_INDEX).nonzero().flatten().tolist())
+    start = max(supervised) if supervised else labels.numel()
+    while start - 1 in supervised:
         start -= 1
     length = labels.numel()
     return {k: (v[:, :start] if k != "pixel_values" and k != "image_grid_thw"
@@ -335,7 +338,7 @@ def probe(spec: ProbeSpec, out_dir: str | Path | None = None, quiet: bool = Fals
                                          tokenizer))
                 records.append(rec)
     table = pd.DataFrame.from_records(records)
-    settings = settings_of(spec, str(path), table)
+    settings = settings_of(spec, str(path), table, getattr(plugin, "half_gemm", "native"))
     if out_dir is not None:
         write(table, settings, out_dir)
     if not quiet:
@@ -391,7 +394,7 @@ def _generate(model, plugin, prompt: dict, max_new_tokens: int, tokenizer) -> di
 
 # --- outputs ---------------------------------------------------------------------------
 
-def settings_of(spec: ProbeSpec, checkpoint: str, table) -> dict:
+def settings_of(spec: ProbeSpec, checkpoint: str, table, half_gemm: str = "native") -> dict:
     n_bad = int(table["nonfinite"].sum())
     return {
         "checkpoint": checkpoint, "split": spec.split, "batch_size": spec.batch_size,
@@ -399,7 +402,7 @@ def settings_of(spec: ProbeSpec, checkpoint: str, table) -> dict:
         "padding_side": spec.data.padding_side, "stress": spec.stress.name,
         "data": spec.data.name, "samples": len(table), "nonfinite": n_bad,
         "batch_nonfinite": int(table["batch_nonfinite"].eq(True).sum()),
-        "max_new_tokens": spec.probe.max_new_tokens,
+        "max_new_tokens": spec.probe.max_new_tokens, "half_gemm": half_gemm,
     }
 
 
@@ -572,6 +575,9 @@ def hydra_job(cfg) -> None:
     from omegaconf import OmegaConf
 
     try:
+        if OmegaConf.is_missing(cfg, "checkpoint"):
+            raise ValueError("checkpoint=???: required: a run dir trained with save.hf=true, "
+                             "its hf/, or a save_pretrained directory")
         spec = spec_from_config(OmegaConf.to_container(cfg, resolve=True))
         out = spec.probe.out or HydraConfig.get().runtime.output_dir
         probe(spec, out)

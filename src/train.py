@@ -36,6 +36,7 @@ from .stress import StressSpec
 warnings.filterwarnings("ignore", message=".*on_after_batch_transfer.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 warnings.filterwarnings("ignore", message=".*litlogger.*")
+warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Keys that change how a run is logged or stored, not what it computes: left out of the hash.

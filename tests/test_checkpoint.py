@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from src.checkpoint import resolve, save_pretrained
 from src.data import Collator, DataSpec, shapes_splits
 from src.model import LoraSpec, ModelSpec, build_model
 from src.processing import ProcessorSpec, load_processor
+from src.train import compose_spec, run
 
 
 def _samples(n: int = 3) -> list[dict]:
@@ -95,17 +97,6 @@ RESUME = ["precision=fp32", "logger=none", f"max_steps={STEPS}", "batch_size=2",
           "trainer.accelerator=cpu", "monitor.every=0"]
 
 
-def _spec(*overrides: str):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from src.train import CONF_DIR, spec_from_config
-
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
-    return spec_from_config(OmegaConf.to_container(cfg, resolve=True), list(overrides))
-
-
 def _history(run_dir: Path) -> dict[str, list[float]]:
     with open(run_dir / "history.csv") as f:
         rows = list(csv.DictReader(f))
@@ -127,46 +118,28 @@ def fast_processor(monkeypatch, processor):
     monkeypatch.setattr(src.processing, "load_processor", load)
 
 
-@pytest.fixture
-def interrupt(monkeypatch):
-    """Make run()'s next Trainer stop after `CUT` steps, as a killed job would have (its last
+class StopAt(Callback):
+    """Stops the run after `CUT` steps, as a killed job would have stopped (its newest
     checkpoint is the step-CUT one)."""
-    import lightning
-    from lightning.pytorch.callbacks import Callback
 
-    class StopAt(Callback):
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step >= CUT:
-                trainer.should_stop = True
-
-    class Interrupted(lightning.Trainer):
-        def __init__(self, *args, callbacks=(), **kwargs):
-            super().__init__(*args, callbacks=[*callbacks, StopAt()], **kwargs)
-
-    def arm():
-        monkeypatch.setattr(lightning, "Trainer", Interrupted)
-
-    return arm, monkeypatch.undo
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= CUT:
+            trainer.should_stop = True
 
 
-def _resume_case(tmp_path, interrupt, num_train: int, save_hf: bool = False):
-    from src.train import run
-
+def _resume_case(tmp_path, num_train: int, save_hf: bool = False):
     base = [*RESUME, f"data.num_train={num_train}"]
-    full = run(_spec(*base), tmp_path / "full")
+    full = run(compose_spec(*base), tmp_path / "full")
     assert full.status == "ok", full.error
-    arm, disarm = interrupt
-    arm()
-    cut = run(_spec(*base, "save.checkpoint=true"), tmp_path / "cut")
-    disarm()
+    cut = run(compose_spec(*base, "save.checkpoint=true"), tmp_path / "cut",
+              extra_callbacks=[StopAt()])
     assert cut.status == "ok" and cut.steps_done == CUT, cut.error
     last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
     assert last.is_file()
-    extra = ["save.checkpoint=true", f"save.hf={str(save_hf).lower()}"]
-    resumed = run(_spec(*base, *extra, f"ckpt_path={last}"), tmp_path / "resumed")
+    extra = ["save.checkpoint=true", f"save.hf={str(save_hf).lower()}", f"ckpt_path={last}"]
+    resumed = run(compose_spec(*base, *extra), tmp_path / "resumed")
     assert resumed.status == "ok" and resumed.steps_done == STEPS, resumed.error
-    return _history(tmp_path / "full"), _history(tmp_path / "cut"), \
-        _history(tmp_path / "resumed")
+    return [_history(tmp_path / d) for d in ("full", "cut", "resumed")]
 
 
 def _assert_same_curve(full, cut, resumed):
@@ -180,12 +153,12 @@ def _assert_same_curve(full, cut, resumed):
     assert all(math.isfinite(x) for x in full["loss"])
 
 
-def test_resumed_run_continues_the_loss_curve(tmp_path, fast_processor, interrupt):
+def test_resumed_run_continues_the_loss_curve(tmp_path, fast_processor):
     """Optimizer, scheduler, step and weights come back from last.ckpt: steps CUT.. of the
     resumed run match the uninterrupted run. One batch per epoch, so the data order is the
     same whatever the loader does on resume (see the mid-epoch test below); the resumed run
     also exports hf/, which must hold its final weights."""
-    full, cut, resumed = _resume_case(tmp_path, interrupt, num_train=2, save_hf=True)
+    full, cut, resumed = _resume_case(tmp_path, num_train=2, save_hf=True)
     _assert_same_curve(full, cut, resumed)
 
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -202,11 +175,6 @@ def test_resumed_run_continues_the_loss_curve(tmp_path, fast_processor, interrup
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "resume from a mid-epoch checkpoint: NanDataModule's train loader is not resumable, so "
-    "Lightning restarts the epoch's batches from the first one (it warns 'your dataloader "
-    "is not resumable'); needs the epoch-seeded, step-skipping sampler proposed for "
-    "src/data.py"))
-def test_resumed_run_mid_epoch_continues_the_loss_curve(tmp_path, fast_processor, interrupt):
-    full, cut, resumed = _resume_case(tmp_path, interrupt, num_train=8)  # 4 steps an epoch
+def test_resumed_run_mid_epoch_continues_the_loss_curve(tmp_path, fast_processor):
+    full, cut, resumed = _resume_case(tmp_path, num_train=8)  # 4 steps an epoch
     _assert_same_curve(full, cut, resumed)

@@ -11,13 +11,11 @@ every row. The probe must list exactly the padded samples, and none under safe.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from helpers import cli
 
 from src.attention import SoftmaxSpec
 from src.checkpoint import save_pretrained
@@ -27,7 +25,6 @@ from src.precision import PrecisionSpec
 from src.probe import ProbeOptions, ProbeSpec, combine, locate, probe, split_rows
 from src.stress import StressSpec
 
-ROOT = Path(__file__).resolve().parents[1]
 LONG = "A large red circle in the top left corner of a white picture, drawn with care."
 # (shape, question, answer); the line numbers (1-4) are the sample ids
 RECORDS = [("circle", "What is in this picture?", LONG),
@@ -170,12 +167,10 @@ def test_probe_cli_multirun_writes_one_table_per_job_and_combines(case, tmp_path
     ckpt, data = case
     test = data / "test.jsonl"
     sweep = tmp_path / "sweep"
-    result = subprocess.run(
-        [sys.executable, "-m", "src.probe", "-m", f"checkpoint={ckpt}", "data=jsonl",
-         f"data.train_file={test}", f"data.test_file={test}", "batch_size=4",
-         "precision=bf16", "softmax=naive,safe", "data.padding_side=left",
-         "probe.max_new_tokens=2", f"hydra.sweep.dir={sweep}"],
-        check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = cli("-m", f"checkpoint={ckpt}", "data=jsonl", f"data.train_file={test}",
+                 f"data.test_file={test}", "batch_size=4", "precision=bf16",
+                 "softmax=naive,safe", "data.padding_side=left", "probe.max_new_tokens=2",
+                 f"hydra.sweep.dir={sweep}", module="src.probe", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     tables = {json.loads((d / "probe.json").read_text())["softmax"]:
               pd.read_parquet(d / "samples.parquet") for d in sorted(sweep.iterdir())

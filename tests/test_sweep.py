@@ -50,9 +50,11 @@ def hydra_cfg(*overrides: str):
 
 
 def plain(cfg) -> dict:
-    container = OmegaConf.to_container(cfg, resolve=True)
-    container.pop("hydra", None)
-    return container
+    """The resolved job config without the hydra node, as src.train.hydra_job sees it."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def records(root: Path) -> dict[str, object]:
@@ -139,9 +141,9 @@ def test_smoke_grid_settings():
 
 def test_grid_size_counts_command_line_axes():
     # a command-line value replaces that axis of the grid; a command-line sweep multiplies
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", return_hydra_config=True,
-                      overrides=["experiment=nan_map_smoke", "lr=1e-3", "seed=0,1,2"])
+    cfg = hydra_cfg("experiment=nan_map_smoke")
+    with open_dict(cfg):      # what a multirun's command line leaves in hydra.overrides.task
+        cfg.hydra.overrides.task = ["experiment=nan_map_smoke", "lr=1e-3", "seed=0,1,2"]
     assert grid_size(cfg) == 2 * 2 * 1 * 3
 
 
@@ -186,8 +188,7 @@ def test_progress_callback_counts_across_processes(tmp_path, capsys):
 
     cb.on_multirun_end(cfg)      # the submitting process sees the workers' cells too
     out = capsys.readouterr().out
-    assert "sweep done" in out and "4/8 cells" in out
-    assert f"python -m src.report {tmp_path}" in out.replace("\n", "").replace("│", "")
+    assert "sweep done" in out and "4/8 cells" in out and "python -m src.report" in out
     assert not (tmp_path / ".progress").exists()
 
 
@@ -295,14 +296,33 @@ def test_wandb_launch_scripts_parse():
 # --- end to end: the real CLI -----------------------------------------------------------
 
 
-def test_multirun_basic_launcher_leaves_one_record_per_cell(tmp_path):
-    proc = ok(cli("precision=bf16", "softmax=stable", "-m", "lr=1e-5,5e-5", *TINY,
-                  f"hydra.sweep.dir={tmp_path}"))
-    df = collect(tmp_path)
-    assert sorted(df["lr"]) == [1e-5, 5e-5]
+@pytest.fixture(scope="module")
+def basic_sweep(tmp_path_factory):
+    """The README's sweep with a bad cell in the middle: one process, three cells."""
+    out = tmp_path_factory.mktemp("basic_sweep")
+    started = time.time()
+    proc = ok(cli("precision=bf16", "softmax=stable", "-m", "lr=1e-5,-1,5e-5", *TINY,
+                  f"hydra.sweep.dir={out}"))
+    print(f"basic launcher, 3 cells: {time.time() - started:.1f} s")
+    return out, proc
+
+
+def test_multirun_basic_launcher_leaves_one_record_per_cell(basic_sweep):
+    out, proc = basic_sweep
+    df = collect(out)
+    assert sorted(df["lr"]) == [-1, 1e-5, 5e-5]
     assert set(df["precision"]) == {"bf16"} and set(df["softmax"]) == {"stable"}
-    assert set(df["status"]) <= {"ok", "nonfinite", "diverged"}
-    assert "sweep 2/2 (100%)" in proc.stdout and "sweep done" in proc.stdout
+    assert set(df[df["lr"] > 0]["status"]) <= {"ok", "nonfinite", "diverged"}
+    assert "sweep 3/3 (100%)" in proc.stdout and "sweep done" in proc.stdout
+
+
+def test_multirun_bad_cell_is_an_error_record_and_the_sweep_goes_on(basic_sweep):
+    out, proc = basic_sweep
+    recs = {r.lr: r for r in records(out).values()}
+    assert set(recs) == {1e-5, -1.0, 5e-5}          # the cell after the bad one ran too
+    assert recs[-1.0].status == "error" and "lr=-1" in recs[-1.0].error
+    assert recs[-1.0].precision == "bf16" and recs[-1.0].softmax == "stable"
+    assert "error 1" in proc.stdout
 
 
 @pytest.mark.slow
@@ -313,16 +333,6 @@ def test_multirun_submitit_local_leaves_one_record_per_cell(tmp_path):
     assert sorted(df["lr"]) == [1e-5, 5e-5]
     assert set(df["status"]) <= {"ok", "nonfinite", "diverged"}
     assert list(tmp_path.glob(".submitit/*/*_log.out")), "submitit ran the jobs"
-
-
-@pytest.mark.slow
-def test_multirun_bad_cell_is_an_error_record_and_the_sweep_goes_on(tmp_path):
-    proc = ok(cli("-m", "lr=1e-3,-1", *TINY, f"hydra.sweep.dir={tmp_path}"))
-    recs = {r.lr: r for r in records(tmp_path).values()}
-    assert set(recs) == {1e-3, -1.0}
-    assert recs[1e-3].status == "ok"
-    assert recs[-1.0].status == "error" and "lr=-1" in recs[-1.0].error
-    assert "error 1" in proc.stdout
 
 
 @pytest.mark.slow
@@ -337,11 +347,11 @@ def test_rerun_skips_done_cells_and_force_reruns(tmp_path):
 
     started = time.time()
     again = ok(cli(*args))
+    print(f"re-run with every cell done: {time.time() - started:.1f} s")
     assert again.stdout.count("skip:") == 2, again.stdout
     assert "Trainer.fit" not in again.stdout + again.stderr
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("record.json")} == mtimes
     assert "skipped 2" in again.stdout
-    print(f"re-run with every cell done: {time.time() - started:.1f} s")
 
     forced = ok(cli(*args[:-1], "lr=1e-3", "force=true", f"hydra.sweep.dir={tmp_path}"))
     assert "skip:" not in forced.stdout
@@ -350,22 +360,51 @@ def test_rerun_skips_done_cells_and_force_reruns(tmp_path):
     assert len(collect(tmp_path)) == 2
 
 
-@pytest.mark.slow
-def test_wandb_agent_run_logs_into_the_agents_run(tmp_path):
-    """A W&B agent's child process, offline: the env the agent sets (sweep id, run id, the
-    parameter file) makes WandbLogger join that run, in the run dir named after it."""
+def test_wandb_logger_joins_the_agents_run(tmp_path, monkeypatch, capsys):
+    """What a W&B agent's child does, offline and without training: the env the agent sets
+    (sweep id, run id, parameter file) makes train.py's WandbLogger join that run; the
+    outcome goes into its summary and a run that did not stay finite finishes failed."""
+    import wandb
+    from wandb.sdk.wandb_run import Run
+
+    from src.record import Record
+    from src.train import _finish_logger, _logger
+
     sweep = yaml.safe_load((WANDB_DIR / "grid.yaml").read_text())
-    params = {"precision": "bf16", "softmax": "stable", "lr": 0.001, "seed": 0}
-    argv = agent_command(sweep["command"], params)[4:]
-    argv = ["logger.mode=offline" if a == "logger.mode=online" else a for a in argv]
-    argv = [a.replace("outputs/wandb_sweeps", str(tmp_path)) for a in argv]
+    params = {"precision": "bf16", "softmax": "stable", "lr": 0.01, "seed": 0}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
         {"wandb_version": 1, **{k: {"value": v} for k, v in params.items()}}))
     run_id = "nl" + os.urandom(3).hex()
-    proc = ok(cli(*argv, *[a for a in TINY if not a.startswith(("logger", "trainer"))], env={
-        "WANDB_SWEEP_ID": "sweeptest", "WANDB_RUN_ID": run_id,
-        "WANDB_SWEEP_PARAM_PATH": str(tmp_path / "params.yaml"), "WANDB_SILENT": "true"}))
-    run_dir = tmp_path / "sweeptest" / run_id
-    assert read_record(run_dir / "record.json").status == "ok"
+    for key, value in {"WANDB_SWEEP_ID": "sweeptest", "WANDB_RUN_ID": run_id,
+                       "WANDB_SWEEP_PARAM_PATH": str(tmp_path / "params.yaml"),
+                       "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path)}.items():
+        monkeypatch.setenv(key, value)
+    overrides = agent_command(sweep["command"], params)[4:]
+    overrides = ["logger.mode=offline" if o == "logger.mode=online" else o for o in overrides]
+    cfg = hydra_cfg(*overrides)
+    run_dir = tmp_path / Path(cfg.hydra.run.dir).relative_to("outputs")
+    assert run_dir.parts[-2:] == ("sweeptest", run_id)
+    spec = spec_from_config(plain(cfg), overrides)
+
+    finished = {}
+    original = Run.finish
+
+    def spy(self, exit_code=None):
+        keys = list(self.summary.keys())
+        finished.update(exit_code=exit_code, summary={k: self.summary[k] for k in keys})
+        return original(self, exit_code=exit_code)
+
+    monkeypatch.setattr(Run, "finish", spy)
+    try:
+        logger = _logger(spec, run_dir)
+        run = logger.experiment
+        assert (run.id, run.sweep_id) == (run_id, "sweeptest")
+        assert run.config["lr"] == 0.01 and run.config["precision"] == "bf16"
+        _finish_logger(logger, Record(status="nonfinite", lr=0.01, first_bad_step=3))
+    finally:
+        wandb.teardown()
+    assert "could not finish the logger" not in capsys.readouterr().err
+    assert finished["exit_code"] == 1
+    assert finished["summary"]["outcome/status"] == "nonfinite"
+    assert finished["summary"]["outcome/first_bad_step"] == 3
     assert next((run_dir / "wandb").glob("offline-run-*")).name.endswith(run_id)
-    assert "could not finish the logger" not in proc.stderr, proc.stderr[-2000:]
