@@ -496,7 +496,7 @@ CONTRASTS: tuple[Contrast, ...] = (
     *(Contrast("use fp32", "precision", f"{p} -> fp32", _eq(p), _eq("fp32"))
       for p in ("bf16", "bf16_true", "fp16")),
     *(Contrast("use a max-subtracted softmax", "softmax", f"naive -> {s}", _eq("naive"), _eq(s))
-      for s in ("stable", "safe", "eager")),
+      for s in ("stable", "safe", "eager", "sdpa")),
     Contrast("lower the lr", "lr", "lr -> next lower lr", lambda x: True, lambda x: True,
              next_lower=True),
     Contrast("add warmup", "warmup_steps", "0 -> >0", lambda x: x == 0, lambda x: x > 0),

@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -129,11 +130,17 @@ def _print(text: str) -> None:
 
 
 class SweepProgress(Callback):
-    """Prints a progress line after each cell of a multirun and a summary at its end."""
+    """Prints a progress line after each cell of a multirun and a summary at its end.
 
-    def __init__(self, enabled: bool = True, keep_markers: bool = False) -> None:
+    With submitit (local or SLURM) the cells print into their own logs and the submitting
+    process only waits, so there a thread polls the markers every `poll_s` seconds and prints
+    a line when the count changes (0 turns it off)."""
+
+    def __init__(self, enabled: bool = True, keep_markers: bool = False,
+                 poll_s: float = 15.0) -> None:
         self.enabled = enabled
         self.keep_markers = keep_markers
+        self.poll_s = poll_s
         self.t0: float | None = None
         self.total: int | None = None
         self.sweep_dir: Path | None = None
@@ -141,6 +148,15 @@ class SweepProgress(Callback):
         self.launcher = ""
         self.seen: dict[int, dict] = {}     # what this process saw: job num -> marker
         self._job_t0: float | None = None
+        self._stop: threading.Event | None = None      # the submitit poller, this process only
+
+    def __getstate__(self) -> dict:
+        # the launcher pickles this object into every job: no thread, no event
+        return {k: v for k, v in self.__dict__.items() if k != "_stop"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._stop = None
 
     # --- hooks --------------------------------------------------------------------------
 
@@ -156,8 +172,23 @@ class SweepProgress(Callback):
             self.launcher = target.rsplit(".", 1)[-1]
             cells = f"{self.total} cells" if self.total is not None else "cells"
             _print(f"[bold]sweep:[/] {cells} → {self.sweep_dir} ({self.launcher})")
+            if "submitit" in target and self.poll_s > 0:
+                self._stop = threading.Event()
+                threading.Thread(target=self._poll, args=(self._stop,), daemon=True,
+                                 name="sweep-progress").start()
         except Exception as e:  # noqa: BLE001
             _warn("on_multirun_start", e)
+
+    def _poll(self, stop: threading.Event) -> None:
+        shown = 0
+        while not stop.wait(self.poll_s):
+            try:
+                done = len(self._markers())
+                if done != shown:
+                    shown = done
+                    _print(self._status_line())
+            except Exception:  # noqa: BLE001, S112 - try again at the next tick
+                continue
 
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
         self._job_t0 = time.time()
@@ -172,20 +203,23 @@ class SweepProgress(Callback):
             marker = {"num": num, "status": status, "seconds": took, "end": time.time()}
             self.seen[num] = marker
             self._write_marker(config, marker)
-            markers = self._markers()
-            counts = _count(markers)
-            done = len(markers)
-            elapsed = time.time() - self.t0 if self.t0 else None
-            left = eta(elapsed, done, counts.get("skipped", 0), self.total) if elapsed else None
             cell = f"[{STYLE.get(status, '')}]{status}[/]"
-            _print(f"cell #{num} {cell} ({fmt_duration(took)}) │ "
-                   + progress_line(done, self.total, counts, elapsed, left))
+            _print(f"cell #{num} {cell} ({fmt_duration(took)}) │ {self._status_line()}")
         except Exception as e:  # noqa: BLE001
             _warn("on_job_end", e)
+
+    def _status_line(self) -> str:
+        markers = self._markers()
+        counts = _count(markers)
+        elapsed = time.time() - self.t0 if self.t0 else None
+        left = eta(elapsed, len(markers), counts["skipped"], self.total) if elapsed else None
+        return progress_line(len(markers), self.total, counts, elapsed, left)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         if not self.enabled:
             return
+        if self._stop is not None:
+            self._stop.set()
         try:
             markers = self._markers()
             counts = _count(markers)

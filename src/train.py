@@ -60,6 +60,7 @@ class TrainerSpec:
     val_every: int = 0           # validate every N steps (0: never)
     progress: bool = True
     log_every: int = 1
+    cpu_threads: int = 1         # torch threads on CPU (0: torch's default)
 
 
 @dataclass
@@ -250,6 +251,8 @@ def run(spec: RunSpec, run_dir: str | Path, extra_callbacks: list | None = None)
     try:
         L.seed_everything(spec.seed, workers=True, verbose=False)
         device = _device(spec)
+        if device == "cpu" and spec.trainer.cpu_threads:
+            torch.set_num_threads(spec.trainer.cpu_threads)
         processor = load_processor(spec.data.processor_spec(), spec.model.path)
         data = NanDataModule(spec.data, processor, spec.batch_size, spec.seed)
         model = build_model(spec.model, spec.seed)

@@ -4,7 +4,6 @@ the W&B sweep files (the command an agent would run, checked against Hydra offli
 The end-to-end tests run the real CLI on a few cells of two steps each."""
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -192,6 +191,30 @@ def test_progress_callback_counts_across_processes(tmp_path, capsys):
     assert not (tmp_path / ".progress").exists()
 
 
+def test_progress_callback_polls_submitit_cells_from_the_submitting_process(tmp_path, capsys):
+    cfg = hydra_cfg("hydra/launcher=submitit_local", "experiment=nan_map_smoke",
+                    f"hydra.sweep.dir={tmp_path}")
+    with open_dict(cfg):
+        cfg.hydra.mode = "MULTIRUN"
+    cb = SweepProgress(poll_s=0.05)
+    cb.on_multirun_start(cfg)
+    assert cb._stop is not None                      # the poller runs here...
+    job = pickle.loads(pickle.dumps(cb))             # ...and is not pickled into the jobs
+    assert job._stop is None
+    job.on_job_start(cfg)
+    job.on_job_end(_as_job(cfg, 5, tmp_path), _job_return("diverged"))
+    # the job prints "cell #5 ... │ sweep 1/8 ..." (into its log on SLURM); the poller here
+    # prints a line of its own, "sweep 1/8 ..."
+    polled = re.compile(r"^sweep 1/8 .*diverged 1", re.MULTILINE)
+    out, deadline = "", time.time() + 10
+    while not polled.search(out) and time.time() < deadline:
+        time.sleep(0.05)
+        out += capsys.readouterr().out
+    assert polled.search(out), out
+    cb.on_multirun_end(cfg)
+    assert cb._stop.is_set()
+
+
 def test_progress_callback_is_quiet_in_single_runs_and_never_raises(tmp_path, capsys):
     cfg = hydra_cfg(f"hydra.run.dir={tmp_path}")
     cb = SweepProgress()
@@ -233,18 +256,20 @@ def agent_command(sweep_command: list[str], params: dict) -> list[str]:
 
 
 def sample_params(sweep: dict) -> list[dict]:
-    """A few parameter sets the sweep can send: grid corners, or a distribution's ends."""
+    """Parameter sets the sweep can send, every value of every axis in at least one of them
+    (a distribution: its ends and a point between)."""
     axes = {}
     for name, p in sweep["parameters"].items():
         if "values" in p:
-            axes[name] = [p["values"][0], p["values"][-1]]
+            axes[name] = list(p["values"])
         elif "value" in p:
             axes[name] = [p["value"]]
         else:
             assert p["distribution"] in ("log_uniform_values", "uniform", "q_log_uniform_values")
             lo, hi = float(p["min"]), float(p["max"])
             axes[name] = [lo, math.sqrt(lo * hi) * 1.2345678, hi]
-    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+    n = max(len(values) for values in axes.values())
+    return [{k: v[min(i, len(v) - 1)] for k, v in axes.items()} for i in range(n)]
 
 
 @pytest.mark.parametrize("name", ["grid", "bayes"])
