@@ -405,7 +405,7 @@ def hydra_job(cfg) -> str:
         return "error"
     if hc.mode.name == "MULTIRUN" and not cfg.get("force", False):
         done = find_done(Path(hc.sweep.dir), spec.config_hash)
-        if done is not None and done.parent != run_dir:
+        if done is not None:
             print(f"skip: this cell is done already ({done}); force=true reruns it")
             LAST_STATUS.append("skipped")
             return "skipped"
@@ -436,6 +436,10 @@ def validate_cli(argv: list[str]) -> str | None:
 def main() -> None:
     import hydra
 
+    # argparse ends the overrides at the first option, so `python -m src.train a=1 -m b=1,2`
+    # would fail: put -m/--multirun first.
+    flags = [a for a in sys.argv[1:] if a in ("-m", "--multirun")]
+    sys.argv[1:] = flags + [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
     problem = validate_cli(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)

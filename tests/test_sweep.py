@@ -112,13 +112,20 @@ def test_launchers_compose(launcher, target):
 # --- the named grids --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["nan_map", "nan_map_smoke"])
+GRIDS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")
+               if "sweeper:" in p.read_text())
+
+
+def test_the_named_grids_exist():
+    assert {"nan_map", "nan_map_smoke"} <= set(GRIDS)
+
+
+@pytest.mark.parametrize("name", GRIDS)
 def test_experiment_grid_values_all_compose(name):
     cfg = hydra_cfg(f"experiment={name}")
-    assert cfg.hydra.sweep.dir == f"outputs/sweeps/{name}"
-    assert cfg.trainer.progress is False
+    assert cfg.hydra.sweep.dir.startswith("outputs/sweeps/"), cfg.hydra.sweep.dir
+    assert cfg.trainer.progress is False            # the sweep callback shows progress
     params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
-    assert {"precision", "softmax", "lr"} <= set(params)
     assert grid_size(cfg) == math.prod(len(v) for v in params.values())
     # every value of every axis composes and passes the specs' checks
     for key, values in params.items():
@@ -127,12 +134,11 @@ def test_experiment_grid_values_all_compose(name):
             assert validate_cli([override]) is None, override
             spec = spec_from_config(plain(hydra_cfg(f"experiment={name}", override)))
             assert spec.config_hash
-    if name == "nan_map":
-        assert set(params) >= {"warmup_steps", "clip", "seed"} and len(params["seed"]) == 2
 
 
 def test_smoke_grid_settings():
     cfg = hydra_cfg("experiment=nan_map_smoke")
+    assert cfg.hydra.sweep.dir == "outputs/sweeps/nan_map_smoke"
     assert cfg.max_steps == 6 and cfg.monitor.every == 2 and cfg.data.num_train == 32
     assert cfg.logger.name == "csv"
     assert grid_size(cfg) == 8
