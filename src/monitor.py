@@ -29,7 +29,8 @@ class MonitorSpec:
     diverge_factor: float = 4.0  # diverged: loss > factor x running min ...
     patience: int = 5            # ... for this many steps in a row
     spike_factor: float = 2.0    # a spike: loss > factor x its moving average
-    max_scaler_skips: int = 10   # fp16: this many loss-scaler skips in a row is a failure
+    max_skipped_in_row: int = 10  # fp16 loss scaler or guard=skip_step: this many skipped
+    #                               steps in a row is a failure
 
 
 @dataclass
@@ -209,6 +210,7 @@ class NanMonitor(Callback):
         self.spikes = 0
         self.scaler_skips = 0
         self._skips_in_row = 0
+        self._phase = None
         self._ema: float | None = None
         self._min_loss = math.inf
         self._above = 0
@@ -223,6 +225,7 @@ class NanMonitor(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._batch = batch
+        self._phase = None
         self._rng = torch.get_rng_state()
         self._grad_norm = math.nan
         every = self.spec.every
@@ -258,6 +261,11 @@ class NanMonitor(Callback):
         if not self.spec.enabled or self.failure is not None:
             return
         if not torch.isfinite(loss.detach()).all():
+            if self.tolerate_grads:
+                # guard=skip_step: the gradients will be non-finite too and the guard skips
+                # the step; a failure only if it keeps happening (see _skipped)
+                self._phase = "forward"
+                return
             self._close_stats(trainer)
             self._fail(trainer, pl_module, "forward")
 
@@ -284,12 +292,24 @@ class NanMonitor(Callback):
             # failure, unless it keeps skipping.
             self.scaler_skips += 1
             self._skips_in_row += 1
-            if self._skips_in_row >= self.spec.max_scaler_skips:
+            if self._skips_in_row >= self.spec.max_skipped_in_row:
                 self._fail(trainer, pl_module, "backward")
             return
         if self.tolerate_grads:
+            self._skipped(trainer, pl_module, self._phase or "backward")
             return
         self._fail(trainer, pl_module, "backward")
+
+    def _skipped(self, trainer, pl_module, phase):
+        """A step the guard skipped: a run whose every step is skipped from some point on
+        only looks alive, so `max_skipped_in_row` skips in a row (or skipping until the end)
+        fail it at the first step of the streak."""
+        if self._skips_in_row == 0:
+            self._streak = (trainer.global_step, phase)
+        self._skips_in_row += 1
+        last = trainer.global_step + 1 >= (trainer.max_steps or 0)
+        if self._skips_in_row >= self.spec.max_skipped_in_row or last:
+            self._fail(trainer, pl_module, self._streak[1], step=self._streak[0])
 
     # optimizer: parameters, loss history, divergence
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -331,8 +351,8 @@ class NanMonitor(Callback):
             self._above = 0
 
     # locating
-    def _fail(self, trainer, pl_module, phase):
-        step = trainer.global_step
+    def _fail(self, trainer, pl_module, phase, step: int | None = None):
+        step = trainer.global_step if step is None else step
         self.failure = Failure("nonfinite", step, phase)
         self.failing_batch = self._batch
         trainer.should_stop = True

@@ -396,9 +396,11 @@ def draw_map(cells_df: pd.DataFrame, path: str | os.PathLike, title: str | None 
         if r == nrows - 1 or i + ncols >= n_f:
             ax.set_xlabel("learning rate", fontsize=7.5)
         if facet_axes:
-            ax.set_title("  ".join(f"{AXIS_SHORT.get(a, a)}={_fmt_value(a, v)}"
-                                   for a, v in zip(facet_axes, facet)),
-                         fontsize=8.5, fontweight="bold", pad=4)
+            # three facet values a line: with five swept axes one line overlaps the next panel
+            parts = [f"{AXIS_SHORT.get(a, a)}={_fmt_value(a, v)}"
+                     for a, v in zip(facet_axes, facet)]
+            ax.set_title("\n".join("  ".join(parts[k:k + 3]) for k in range(0, len(parts), 3)),
+                         fontsize=8, fontweight="bold", pad=4)
 
     const = "  ".join(f"{AXIS_SHORT.get(a, a)}={_fmt_value(a, c[a].iloc[0])}"
                       for a in const_axes if a in c.columns)
