@@ -2,7 +2,8 @@
 
 1. The monitor: off, default (checks every step, attention statistics every 10 steps),
    and every attention statistic on every step.
-2. Half-precision matmuls on this CPU: native kernels vs fp32-accumulate (bf16).
+2. Seconds per step for each precision, and half-precision matmuls on this CPU: native
+   kernels vs fp32-accumulate (bf16).
 Configs are interleaved over rounds so drift on a shared machine hits all alike; each
 figure is the median step time after warm-up steps.
 """
@@ -76,10 +77,14 @@ def main(argv=None):
         gemm = measure({
             "fp32": ["precision=fp32", "monitor.every=0"],
             "bf16 fp32_accumulate": ["precision.half_gemm=fp32_accumulate", "monitor.every=0"],
+            "bf16_true fp32_accumulate": ["precision=bf16_true", "monitor.every=0"],
+            "fp16 fp32_accumulate": ["precision=fp16", "monitor.every=0"],
+            "progressive (after switch)": ["precision=progressive", "precision.switch_step=0",
+                                           "monitor.every=0"],
             "bf16 native": ["precision.half_gemm=native", "monitor.every=0"],
         }, max(args.steps // 4, 2), 1)
-        out.append(table("Half-precision matmuls on this CPU (ratio = step time / fp32)", gemm,
-                         "fp32"))
+        out.append(table("Precisions on this CPU (ratio = step time / fp32; one torch thread)",
+                         gemm, "fp32"))
     print("\n".join(out))
 
 

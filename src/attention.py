@@ -8,8 +8,8 @@ plain callables that the monitor adds and removes.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from transformers import AttentionInterface

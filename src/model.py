@@ -49,7 +49,7 @@ def tiny_config(spec: ModelSpec):
     half = head_dim // 2
     mrope = spec.mrope_section or [half - 2 * (half // 4), half // 4, half // 4]
     return Qwen2_5_VLConfig(
-        text_config=dict(
+        text_config=dict(  # noqa: C408 - keyword form mirrors Qwen2_5_VLConfig's arguments
             vocab_size=151936,
             hidden_size=spec.hidden_size,
             intermediate_size=spec.intermediate_size,
@@ -61,7 +61,7 @@ def tiny_config(spec: ModelSpec):
                              "mrope_section": mrope},
             tie_word_embeddings=True,
         ),
-        vision_config=dict(
+        vision_config=dict(  # noqa: C408
             depth=spec.vision_depth,
             hidden_size=spec.vision_hidden_size,
             intermediate_size=spec.vision_intermediate_size,

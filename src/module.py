@@ -1,8 +1,8 @@
 """The LightningModule: loss on supervised tokens, AdamW, warmup + cosine schedule."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import lightning as L
 import torch

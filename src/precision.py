@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -41,7 +42,7 @@ class Fp32AccumulatedHalfGemm(TorchDispatchMode):
     """mm/bmm/addmm/baddbmm on half tensors: upcast, multiply in fp32, round the result
     back to the half dtype. Overflow past the half range still becomes inf."""
 
-    OPS = {aten.mm.default: 0, aten.bmm.default: 0, aten.addmm.default: 1,
+    OPS: ClassVar[dict] = {aten.mm.default: 0, aten.bmm.default: 0, aten.addmm.default: 1,
            aten.baddbmm.default: 1}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -39,9 +39,9 @@ def replay(run_dir: str | Path, out_dir: str | Path | None = None) -> tuple[bool
     diffs = [f"{f}: {getattr(recorded, f)} -> {getattr(again, f)}" for f in fields
              if getattr(recorded, f) != getattr(again, f)]
     saved, fresh = run_dir / "failing_batch.pt", out_dir / "failing_batch.pt"
-    if saved.exists():
-        if not fresh.exists() or not _same_batch(torch.load(saved), torch.load(fresh)):
-            diffs.append("the failing batch differs from the saved one")
+    if saved.exists() and (not fresh.exists()
+                           or not _same_batch(torch.load(saved), torch.load(fresh))):
+        diffs.append("the failing batch differs from the saved one")
     if diffs:
         return False, "replay differs: " + "; ".join(diffs)
     return True, "replay agrees: " + again.verdict()

@@ -13,8 +13,8 @@ under conf/stress/ names the report it follows):
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

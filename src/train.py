@@ -14,20 +14,19 @@ import math
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import warnings
-
 import src  # noqa: F401  (sets the offline environment before anything else loads)
 
+from .attention import SoftmaxSpec
 from .data import DataSpec
 from .guards import GuardSpec
 from .model import LoraSpec, ModelSpec
 from .module import OptimSpec
 from .monitor import MonitorSpec
 from .precision import PrecisionSpec
-from .attention import SoftmaxSpec
 from .record import Record, find_records, read_record, write_record
 from .stress import StressSpec
 
@@ -357,7 +356,6 @@ def _finish_logger(logger, record: Record) -> None:
         from lightning.pytorch.loggers import WandbLogger
 
         if isinstance(logger, WandbLogger):
-            import wandb
 
             exp = logger.experiment
             exp.summary.update(record.summary())

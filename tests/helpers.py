@@ -21,4 +21,4 @@ def spec(*overrides: str, fast: bool = True) -> RunSpec:
 def cli(*args: str, module: str = "src.train", timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)

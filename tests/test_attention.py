@@ -94,10 +94,10 @@ def _images_batch():
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 1000, (2, 10), generator=g)
     ids[:, 2:6] = 151655  # 4 image tokens each: one 56x56 image per row
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
-                pixel_values=torch.randn(32, 1176, generator=g),
-                image_grid_thw=torch.tensor([[1, 4, 4], [1, 4, 4]]),
-                mm_token_type_ids=(ids == 151655).long())
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.randn(32, 1176, generator=g),
+            "image_grid_thw": torch.tensor([[1, 4, 4], [1, 4, 4]]),
+            "mm_token_type_ids": (ids == 151655).long()}
 
 
 @pytest.mark.parametrize("name", ["sdpa", "eager", "naive", "stable", "safe", "softcap"])

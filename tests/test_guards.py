@@ -2,11 +2,10 @@
 hidden states finite."""
 import torch
 
+from helpers import spec
 from src import guards
 from src.guards import GuardSpec
 from src.model import build_model
-
-from helpers import spec
 from src.train import run
 
 

@@ -5,10 +5,9 @@ from types import SimpleNamespace
 
 import torch
 
+from helpers import FAST, cli
 from src.monitor import MonitorSpec, NanMonitor, _hooked_backward, first_nonfinite_forward
 from src.record import read_record
-
-from helpers import FAST, cli
 
 NAN_RUN = ["softmax=naive", "lr=0.3", "precision=fp32", "max_steps=12", "monitor.every=4"]
 

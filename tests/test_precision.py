@@ -3,10 +3,9 @@ import lightning as L
 import pytest
 import torch
 
+from helpers import spec
 from src import precision
 from src.precision import Fp32AccumulatedHalfGemm, PrecisionSpec
-
-from helpers import spec
 from src.train import run
 
 

@@ -15,8 +15,8 @@ import json
 import pandas as pd
 import pytest
 import torch
-from helpers import cli
 
+from helpers import cli
 from src.attention import SoftmaxSpec
 from src.checkpoint import save_pretrained
 from src.data import DataSpec, draw_shape

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from helpers import spec
 from src import attention, stress
 from src.attention import SoftmaxSpec
 from src.data import NanDataModule
@@ -9,8 +10,6 @@ from src.model import build_model
 from src.module import NanLabModule, OptimSpec
 from src.monitor import AttentionStats
 from src.stress import StressSpec
-
-from helpers import spec
 
 
 @pytest.fixture(scope="module")

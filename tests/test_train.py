@@ -3,10 +3,9 @@ import os
 
 import pytest
 
+from helpers import FAST, cli, spec
 from src.record import find_records, read_record
 from src.train import run, validate_cli
-
-from helpers import FAST, cli, spec
 
 
 def test_unknown_group_option_is_one_line_listing_the_allowed():
