@@ -34,10 +34,6 @@ class PrecisionSpec:
     half_gemm: str = "auto"   # auto: fp32_accumulate on CPUs without native half GEMM
 
 
-def compute_dtype(spec: PrecisionSpec) -> torch.dtype:
-    return {"fp32": torch.float32, "fp16": torch.float16}.get(spec.name, torch.bfloat16)
-
-
 class Fp32AccumulatedHalfGemm(TorchDispatchMode):
     """mm/bmm/addmm/baddbmm on half tensors: upcast, multiply in fp32, round the result
     back to the half dtype. Overflow past the half range still becomes inf."""

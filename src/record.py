@@ -39,6 +39,7 @@ class Record:
     phase: str | None = None        # forward / backward / optimizer
     module: str | None = None       # first module in execution order that went non-finite
     dtype: str | None = None        # dtype in which it happened
+    replay_agrees: bool | None = None  # the hooked replay of the failing step failed too
     error: str | None = None        # one line, for status == "error"
     final_loss: float | None = None
     best_loss: float | None = None

@@ -328,6 +328,7 @@ def _fill_outcome(record: Record, trainer, monitor, guard) -> None:
     if f.status == "nonfinite":
         record.steps_done = f.step  # steps 0..k-1 finished finite; step k broke
     record.phase, record.module, record.dtype = f.phase, f.module, f.dtype
+    record.replay_agrees = f.replay_agrees
 
 
 def _peak_memory_gb() -> float:

@@ -64,6 +64,7 @@ def test_forced_nan_run_exits_0_with_verdict_record_and_same_replay(tmp_path):
     rec = read_record(tmp_path / "a" / "record.json")
     assert rec.status == "nonfinite" and rec.phase == "forward"
     assert rec.module == "model.visual.blocks.0.attn" and rec.dtype == "float32"
+    assert rec.replay_agrees is True
     assert rec.first_bad_step is not None and 0 < rec.first_bad_step < 12
     assert rec.steps_done == rec.first_bad_step  # stopped cleanly at the failing step
     assert (tmp_path / "a" / "failing_batch.pt").exists()
