@@ -19,6 +19,8 @@ class LoraSpec:
 class ModelSpec:
     name: str = "tiny"
     path: str | None = None  # a local directory: loads from_pretrained instead of building
+    init: str = "random"     # tiny only: random | base (the project's pretrained tiny base)
+    ref_lr: float | None = None  # the reference fine-tuning lr: records give lr_x = lr / ref_lr
     # tiny-model sizes (ignored when loading a checkpoint)
     hidden_size: int = 64
     num_layers: int = 2

@@ -31,6 +31,7 @@ class MonitorSpec:
     spike_factor: float = 2.0    # a spike: loss > factor x its moving average
     max_skipped_in_row: int = 10  # fp16 loss scaler or guard=skip_step: this many skipped
     #                               steps in a row is a failure
+    train_margin: float = 0.1    # ok needs final loss < initial loss x (1 - margin), else stalled
 
 
 @dataclass

@@ -13,10 +13,18 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 RECORD_NAME = "record.json"
-STATUSES = ("ok", "nonfinite", "diverged", "error")
-# The axes a sweep varies; the report groups and compares cells by these.
-AXES = ("precision", "softmax", "lr", "warmup_steps", "clip", "normalize", "stress", "guard",
-        "model", "data", "seed")
+# ok: stayed finite and trained (final loss below the initial loss by `train_margin`);
+# stalled: finite but did not train; interrupted: stopped by a signal (SLURM preemption,
+# time limit, Ctrl-C) and redone by a rerun of the sweep.
+STATUSES = ("ok", "stalled", "nonfinite", "diverged", "interrupted", "error")
+FAILED = ("nonfinite", "diverged")
+# What the monitor names as the first non-finite value's cause (src/monitor.py decides).
+CAUSES = ("exp_overflow", "masked_row", "half_overflow", "empty_targets", "nonfinite_input",
+          "grad_nonfinite", "optimizer_poison", "divergence", "unknown")
+# The axes a sweep varies; the report shows cells by these. A cell's identity is `cell`
+# (the hash of every config key that changes a run, the seed left out), never these alone.
+AXES = ("precision", "softmax", "lr", "lr_x", "warmup_steps", "clip", "normalize", "stress",
+        "guard", "model", "data", "seed")
 
 
 @dataclass
@@ -33,6 +41,8 @@ class Record:
     model: str = ""
     data: str = ""
     seed: int = 0
+    lr_x: float | None = None       # lr as a multiple of the model's reference lr (model.ref_lr)
+    ref_lr: float | None = None
     # the outcome
     status: str = "error"
     first_bad_step: int | None = None
@@ -40,7 +50,13 @@ class Record:
     module: str | None = None       # first module in execution order that went non-finite
     dtype: str | None = None        # dtype in which it happened
     replay_agrees: bool | None = None  # the hooked replay of the failing step failed too
+    cause: str | None = None        # why the first non-finite value appeared (CAUSES)
+    cause_detail: str | None = None  # the evidence, e.g. "softmax input 93.1 > ln(max bf16) 88.7"
+    cause_value: float | None = None  # the number behind it (logit, activation, ...)
+    signal: str | None = None       # status == "interrupted": SIGTERM / SIGINT
+    attempt: int = 1                # 1 + SLURM requeues of this job
     error: str | None = None        # one line, for status == "error"
+    initial_loss: float | None = None  # the loss of step 0
     final_loss: float | None = None
     best_loss: float | None = None
     max_grad_norm: float | None = None
@@ -48,6 +64,11 @@ class Record:
     loss_spikes: int = 0
     guard_fired: int = 0            # steps a guard skipped or clamped
     scaler_skips: int = 0           # fp16 loss-scaler skipped steps (not failures)
+    train_margin: float = 0.0       # ok needs final_loss < initial_loss * (1 - train_margin)
+    nonfinite_grad_frac: float | None = None   # gradient elements non-finite at the bad step
+    nonfinite_param_frac: float | None = None  # parameter elements non-finite after it
+    empty_target_steps: int = 0     # steps whose batch had no supervised token
+    switch_step: int | None = None  # progressive: the step bf16 started
     steps_done: int = 0
     max_steps: int = 0
     wall_time_s: float = 0.0
@@ -55,6 +76,8 @@ class Record:
     peak_memory_gb: float | None = None  # GPU: max allocated; CPU: the process's max RSS
     # provenance
     config_hash: str = ""
+    cell: str = ""                  # the config hash without the seed: seeds of one cell share it
+    config: dict = field(default_factory=dict)  # the resolved config (what the hash covers)
     overrides: list[str] = field(default_factory=list)
     run_dir: str = ""
     torch_version: str = ""
@@ -63,30 +86,42 @@ class Record:
     half_gemm: str = ""             # how half-precision matmuls ran (native / fp32-accumulate)
 
     def verdict(self) -> str:
-        """One paragraph: what broke, where, when."""
-        cell = (f"precision={self.precision} softmax={self.softmax} lr={self.lr:g} "
+        """One paragraph: what broke, where, when, and why."""
+        lr = f"lr={self.lr:g}" + (f" ({self.lr_x:g}x ref)" if self.lr_x is not None else "")
+        cell = (f"precision={self.precision} softmax={self.softmax} {lr} "
                 f"warmup={self.warmup_steps} clip={self.clip:g} stress={self.stress} "
                 f"guard={self.guard} seed={self.seed}")
+        trained = (f"loss {_fmt(self.initial_loss)} -> {_fmt(self.final_loss)} "
+                   f"(best {_fmt(self.best_loss)})")
+        why = (f" Cause: {self.cause}" + (f" ({self.cause_detail})" if self.cause_detail else "")
+               + ".") if self.cause else ""
         if self.status == "ok":
-            return (f"OK: {cell} stayed finite for {self.steps_done} steps "
-                    f"(final loss {self.final_loss:.4g}, best {self.best_loss:.4g}, "
-                    f"max grad norm {self.max_grad_norm:.3g}, max attention logit "
-                    f"{_fmt(self.max_attn_logit)}).")
+            return (f"OK: {cell} stayed finite and trained for {self.steps_done} steps: "
+                    f"{trained}, max grad norm {_fmt(self.max_grad_norm)}, max attention "
+                    f"logit {_fmt(self.max_attn_logit)}.")
+        if self.status == "stalled":
+            return (f"STALLED: {cell} stayed finite for {self.steps_done} steps but did not "
+                    f"train: {trained}; ok needs the final loss {self.train_margin:.0%} below "
+                    f"the initial one.{why}")
         if self.status == "nonfinite":
             return (f"NON-FINITE: {cell} first went non-finite at step {self.first_bad_step} "
                     f"in the {self.phase} pass, first in module {self.module} "
                     f"({self.dtype}); last finite loss {_fmt(self.final_loss)}, max grad norm "
                     f"{_fmt(self.max_grad_norm)}, max attention logit "
-                    f"{_fmt(self.max_attn_logit)}.")
+                    f"{_fmt(self.max_attn_logit)}.{why}")
         if self.status == "diverged":
             return (f"DIVERGED: {cell} stayed finite but the loss ran away from its best "
                     f"({_fmt(self.best_loss)}) from step {self.first_bad_step} on "
-                    f"(final loss {_fmt(self.final_loss)}, {self.loss_spikes} spikes).")
+                    f"(final loss {_fmt(self.final_loss)}, {self.loss_spikes} spikes).{why}")
+        if self.status == "interrupted":
+            return (f"INTERRUPTED: {cell} stopped by {self.signal} after {self.steps_done} "
+                    f"steps (attempt {self.attempt}); rerunning the sweep redoes it.")
         return f"ERROR: {cell} did not run: {self.error}"
 
     def summary(self) -> dict:
         """Flat fields for the W&B run summary."""
-        return {f"outcome/{k}": v for k, v in asdict(self).items() if v is not None}
+        return {f"outcome/{k}": v for k, v in asdict(self).items()
+                if v is not None and k != "config"}
 
 
 def _fmt(x) -> str:

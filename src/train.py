@@ -11,6 +11,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import signal
 import sys
 import time
 import traceback
@@ -86,6 +88,7 @@ class RunSpec:
     seed: int = 0
     ckpt_path: str | None = None
     config_hash: str = ""
+    cell: str = ""               # config_hash without the seed: the report's cell identity
     overrides: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)  # the resolved config, for W&B
 
@@ -102,8 +105,13 @@ def _build(cls, node: dict, key: str):
     return cls(**node)
 
 
-def config_hash(cfg: dict) -> str:
-    kept = {k: v for k, v in cfg.items() if k not in UNHASHED and k != "hydra"}
+def hashed_config(cfg: dict) -> dict:
+    """The part of the resolved config that changes what a run computes."""
+    return {k: v for k, v in cfg.items() if k not in UNHASHED and k != "hydra"}
+
+
+def config_hash(cfg: dict, leave_out: tuple[str, ...] = ()) -> str:
+    kept = {k: v for k, v in hashed_config(cfg).items() if k not in leave_out}
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -111,6 +119,14 @@ def spec_from_config(cfg: dict, overrides: list[str] | None = None) -> RunSpec:
     """The resolved config (a plain dict) as typed specs, every value checked."""
     top = {"lr", "warmup_steps", "clip", "max_steps", "weight_decay"}
     optim = {k: cfg[k] for k in top if k in cfg}
+    lr_x, ref_lr = cfg.get("lr_x"), (cfg.get("model") or {}).get("ref_lr")
+    if lr_x is not None:  # the lr as a multiple of the model's reference fine-tuning lr
+        if not (isinstance(lr_x, (int, float)) and lr_x > 0):
+            raise ValueError(f"lr_x={lr_x}: must be a positive number (lr = lr_x * model.ref_lr)")
+        if not ref_lr:
+            raise ValueError(f"lr_x={lr_x}: model.ref_lr is not set for model="
+                             f"{(cfg.get('model') or {}).get('name')}; give lr= instead")
+        optim["lr"] = float(lr_x) * float(ref_lr)
     optim["vision_lr"] = (cfg.get("model") or {}).get("vision_lr")
     model_node = dict(cfg.get("model") or {})
     if isinstance(model_node.get("lora"), dict):
@@ -131,6 +147,7 @@ def spec_from_config(cfg: dict, overrides: list[str] | None = None) -> RunSpec:
         seed=cfg.get("seed", 0),
         ckpt_path=cfg.get("ckpt_path"),
         config_hash=config_hash(cfg),
+        cell=config_hash(cfg, leave_out=("seed",)),
         overrides=list(overrides or []),
         config=cfg,
     )
@@ -209,7 +226,12 @@ def base_record(spec: RunSpec, run_dir: Path) -> Record:
         warmup_steps=spec.optim.warmup_steps, clip=float(spec.optim.clip),
         normalize=spec.data.normalize, stress=spec.stress.name, guard=spec.guard.name,
         model=spec.model.name, data=spec.data.name, seed=spec.seed,
-        max_steps=spec.optim.max_steps, config_hash=spec.config_hash,
+        max_steps=spec.optim.max_steps, config_hash=spec.config_hash, cell=spec.cell,
+        config=hashed_config(spec.config), ref_lr=spec.model.ref_lr,
+        lr_x=spec.optim.lr / spec.model.ref_lr if spec.model.ref_lr else None,
+        train_margin=spec.monitor.train_margin,
+        switch_step=spec.precision.switch_step if spec.precision.name == "progressive" else None,
+        attempt=int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0) + 1,
         overrides=spec.overrides, run_dir=str(run_dir), torch_version=torch.__version__,
         transformers_version=transformers.__version__,
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name(),
@@ -226,6 +248,18 @@ def _cpu_name() -> str:
     import platform
 
     return "cpu: " + (platform.processor() or platform.machine())
+
+
+class Interrupted(BaseException):
+    """SIGTERM (SLURM preemption or time limit) or SIGINT: the run stops and says so."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
 
 
 def run(spec: RunSpec, run_dir: str | Path, extra_callbacks: list | None = None) -> Record:
@@ -247,6 +281,11 @@ def run(spec: RunSpec, run_dir: str | Path, extra_callbacks: list | None = None)
     record = base_record(spec, run_dir)
     started = time.time()
     logger = None
+    interrupted: Interrupted | None = None
+    trainer = None
+    # Lightning composes its own SIGTERM handler with this one (it calls both).
+    previous = {sig: signal.signal(sig, _raise_interrupted)
+                for sig in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
     try:
         L.seed_everything(spec.seed, workers=True, verbose=False)
         device = _device(spec)
@@ -294,21 +333,37 @@ def run(spec: RunSpec, run_dir: str | Path, extra_callbacks: list | None = None)
 
             save_pretrained(module.model, processor, run_dir / "hf", spec.save.lora_merged)
         _write_history(monitor, run_dir)
+    except Interrupted as e:
+        interrupted = e
+        record.status, record.signal = "interrupted", str(e)
+        record.steps_done = trainer.global_step if trainer is not None else 0
     except Exception as e:  # noqa: BLE001 - every failure becomes a record, never a crash
         record.status = "error"
         record.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         (run_dir / "error.txt").write_text(traceback.format_exc())
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         record.wall_time_s = round(time.time() - started, 2)
         write_record(record, run_dir)
         _finish_logger(logger, record)
+    if interrupted is not None:  # the record is written: now stop as the signal asked
+        print(record.verdict(), file=sys.stderr)
+        raise SystemExit(128 + interrupted.signum)
     return record
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _fill_outcome(record: Record, trainer, monitor, guard) -> None:
     h = monitor.history
     finite = [x for x in h.loss if math.isfinite(x)]
     record.steps_done = trainer.global_step
+    record.initial_loss = h.loss[0] if h.loss and math.isfinite(h.loss[0]) else None
     record.final_loss = finite[-1] if finite else None
     record.best_loss = min(finite) if finite else None
     record.max_grad_norm = monitor.max_grad_norm
@@ -320,7 +375,7 @@ def _fill_outcome(record: Record, trainer, monitor, guard) -> None:
     record.peak_memory_gb = round(_peak_memory_gb(), 3)
     f = monitor.failure
     if f is None:
-        record.status = "ok"
+        record.status = "ok" if _trained(record) else "stalled"
         record.dtype = monitor.attn_dtype
         return
     record.status = f.status
@@ -329,6 +384,11 @@ def _fill_outcome(record: Record, trainer, monitor, guard) -> None:
         record.steps_done = f.step  # steps 0..k-1 finished finite; step k broke
     record.phase, record.module, record.dtype = f.phase, f.module, f.dtype
     record.replay_agrees = f.replay_agrees
+
+
+def _trained(record: Record) -> bool:
+    first, last = record.initial_loss, record.final_loss
+    return first is not None and last is not None and last < first * (1 - record.train_margin)
 
 
 def _peak_memory_gb() -> float:
@@ -373,7 +433,7 @@ def _finish_logger(logger, record: Record) -> None:
 def find_done(root: Path, config_hash: str) -> Path | None:
     for path in find_records(root):
         rec = read_record(path)
-        if rec.config_hash == config_hash and rec.status != "error":
+        if rec.config_hash == config_hash and rec.status not in ("error", "interrupted"):
             return path
     return None
 
