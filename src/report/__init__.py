@@ -1,0 +1,66 @@
+"""Records -> the NaN map report: verdicts on each piece of advice, per mechanism.
+
+    python -m src.report DIR [DIR ...] [--out OUT] [--wandb {off,offline,online}]
+
+Reads every `record.json` below the given directories (src.record) and nothing else: no
+torch, transformers or hydra import anywhere in this package, so a cluster's results render
+on a laptop in seconds. The modules, in the order the data flows:
+
+    collect   records -> results table (one row per run; duplicates resolved)
+    cells     runs -> cells (seeds pooled by the record's `cell`), outcome per cell
+    match     Hydra overrides against a resolved config
+    verdicts  mechanisms -> baseline, mitigation cells, measured effect, agreement (RULES)
+    summary   per-advice lines, the bf16-range claim, the verdicts table
+    advice    ADVICE: the advice ids as data
+    frontier  the stable-lr frontier of the core map
+    figures   matrix.png, frontier.png;  nanmap: the appendix's nan_map.png
+    markdown  report.md;  write: the pipeline, console summary, W&B
+"""
+from .advice import ADVICE, Advice, range_facts
+from .cells import MIN_SEEDS, Cell, build_cells, cells_frame, two_thirds
+from .collect import collect, load_results, normalize_results, run_config, write_results
+from .figures import draw_frontier, draw_matrix
+from .frontier import FRONTIER_RULE, fmt_lr, frontier_frame, lines
+from .match import equal_except, matches, parse_override
+from .nanmap import draw_map
+from .summary import advice_lines, pairs_frame, range_pairs
+from .verdicts import RULES, Mechanism, Pair, agreement, measure, mechanisms
+from .write import Analysis, analyze, write_report
+
+__all__ = [
+    "ADVICE",
+    "FRONTIER_RULE",
+    "MIN_SEEDS",
+    "RULES",
+    "Advice",
+    "Analysis",
+    "Cell",
+    "Mechanism",
+    "Pair",
+    "advice_lines",
+    "agreement",
+    "analyze",
+    "build_cells",
+    "cells_frame",
+    "collect",
+    "draw_frontier",
+    "draw_map",
+    "draw_matrix",
+    "equal_except",
+    "fmt_lr",
+    "frontier_frame",
+    "lines",
+    "load_results",
+    "matches",
+    "measure",
+    "mechanisms",
+    "normalize_results",
+    "pairs_frame",
+    "parse_override",
+    "range_facts",
+    "range_pairs",
+    "run_config",
+    "two_thirds",
+    "write_report",
+    "write_results",
+]

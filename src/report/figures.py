@@ -1,0 +1,231 @@
+"""The headline figures: the mechanism x mitigation matrix and the stable-lr frontier.
+
+Matplotlib's object API on an Agg canvas (no pyplot state, no display needed).
+"""
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+from .advice import ordered
+from .frontier import Line, fmt_lr
+from .verdicts import Mechanism, Pair
+
+EFFECT_COLORS = {
+    "fixes": "#1a9850",
+    "delays": "#d9ef8b",
+    "no_effect": "#bdbdbd",
+    "worsens": "#d73027",
+    "stalls": "#9e9ac8",
+    "mixed": "#fdae61",
+}
+EFFECT_SHORT = {"fixes": "fixes", "delays": "delays", "no_effect": "no effect",
+                "worsens": "worsens", "stalls": "stalls", "mixed": "mixed"}
+STATE_COLORS = {"ok": "#1a9850", "stalls": "#9e9ac8", "mixed": "#fdae61",
+                "nonfinite": "#b2182b", "diverged": "#f46d43", "none": "#ffffff"}
+
+
+def _figure(w: float, h: float, dpi: int = 110):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(w, h), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _lum(color: str) -> float:
+    from matplotlib.colors import to_rgb
+    r, g, b = to_rgb(color)
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
+def _empty(path: Path, text: str):
+    fig = _figure(5, 1.5)
+    fig.text(0.5, 0.5, text, ha="center", va="center", fontsize=11)
+    fig.savefig(path)
+    return fig
+
+
+def arms(mechs: list[Mechanism]) -> list[tuple[str, str]]:
+    """The matrix's columns: (advice, mitigation), the seed's advice first."""
+    seen = {(p.advice, p.arm) for m in mechs for p in m.pairs}
+    rank = {a: i for i, a in enumerate(ordered({a for a, _ in seen}))}
+    return sorted(seen, key=lambda x: (rank[x[0]], x[1]))
+
+
+def _pair_text(p: Pair) -> tuple[str, str, str]:
+    """(fill colour, label, mark) for one matrix cell."""
+    c = p.cell
+    if p.measured is None:
+        if p.status == "not run":
+            return "#ffffff", "not run", ""
+        if p.status.startswith("excluded"):
+            return "#ffffff", "excluded\n(acted late)", ""
+        if p.status.startswith("too few"):
+            return "#ffffff", f"too few\nseeds ({c.n_seeds if c else 0})", ""
+        return "#f0f0f0", f"{c.n_ok}/{c.n_seeds} ok" if c else "", ""
+    label = EFFECT_SHORT[p.measured]
+    if p.measured == "delays" and p.factor:
+        label += f" {p.factor:.1f}x"
+    label += f"\n{c.n_ok}/{c.n_seeds} ok"
+    mark = ""
+    if p.agreement == "refutes":
+        mark = f"refutes\n(pred. {p.predicted})"
+    elif p.agreement == "disagrees":
+        mark = f"pred. {EFFECT_SHORT.get(p.predicted, p.predicted)}"
+    return EFFECT_COLORS[p.measured], label, mark
+
+
+def _arm_label(arm: str, width: int = 15) -> str:
+    """One override a line; a long one broken after its '='."""
+    out = []
+    for o in arm.split():
+        k, eq, v = o.partition("=")
+        out += [o] if len(o) <= width else [k + eq, v]
+    return "\n".join(out)
+
+
+def _row_label(m: Mechanism) -> tuple[str, str]:
+    b = m.base
+    if b is None:
+        head = f"{m.label}\n{m.cause}: baseline not run"
+    else:
+        step = "-" if b.median_bad_step is None else f"{b.median_bad_step:g}"
+        head = (f"{m.label}\n{m.cause} @ step {step} · {b.n_failed}/{b.n_seeds} failed")
+    note = "" if m.counts else "\n".join(textwrap.wrap("✗ " + m.status, 34))
+    return head, note
+
+
+def draw_matrix(mechs: list[Mechanism], path: str | os.PathLike):
+    """mechanism x mitigation: colour = measured effect, label = effect + k/n seeds ok;
+    a black border and a red "!" where the measurement disagrees with the prediction;
+    hatched where the pair does not count (baseline or positive control failed)."""
+    from matplotlib.patches import Circle, Patch, Rectangle
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = arms(mechs)
+    if not mechs or not cols:
+        return _empty(path, "no mechanism runs (stress=...) in these records")
+    cw, rh = 0.98, 0.62
+    left, right, top, bottom = 2.55, 0.25, 1.05, 1.3
+    w = left + cw * len(cols) + right
+    h = top + rh * len(mechs) + bottom
+    fig = _figure(max(w, 7.0), h)
+    w = max(w, 7.0)
+    ax = fig.add_axes((left / w, bottom / h, cw * len(cols) / w, rh * len(mechs) / h))
+    ax.set_xlim(0, len(cols))
+    ax.set_ylim(len(mechs), 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for s in ax.spines.values():
+        s.set_visible(False)
+    col = {a: i for i, a in enumerate(cols)}
+    for r, m in enumerate(mechs):
+        head, note = _row_label(m)
+        ax.text(-0.08, r + 0.5 - (0.1 if note else 0), head, ha="right", va="center",
+                fontsize=7.5, fontweight="bold" if m.counts else "normal")
+        if note:
+            ax.text(-0.08, r + 0.86, note, ha="right", va="center", fontsize=6.3,
+                    color="#b2182b", style="italic")
+        for i in range(len(cols)):
+            ax.add_patch(Rectangle((i, r), 1, 1, facecolor="#fafafa", edgecolor="#e0e0e0",
+                                   linewidth=0.5))
+        for p in m.pairs:
+            i = col[(p.advice, p.arm)]
+            fill, label, mark = _pair_text(p)
+            dim = not p.counts and p.measured is not None
+            ax.add_patch(Rectangle((i + 0.03, r + 0.04), 0.94, 0.92, facecolor=fill,
+                                   edgecolor="#707070" if dim else "#ffffff", linewidth=0.6,
+                                   hatch="////" if dim else None, alpha=0.55 if dim else 1.0))
+            txt = "black" if _lum(fill) > 0.5 or dim else "white"
+            ax.text(i + 0.5, r + (0.36 if mark else 0.5), label, ha="center", va="center",
+                    fontsize=7, color=txt, linespacing=1.1)
+            if mark:
+                ax.add_patch(Rectangle((i + 0.04, r + 0.05), 0.92, 0.9, fill=False,
+                                       edgecolor="black", linewidth=2.6))
+                ax.text(i + 0.5, r + 0.78, mark, ha="center", va="center", fontsize=5.8,
+                        color=txt, fontweight="bold", linespacing=1.0)
+                ax.add_patch(Circle((i + 0.86, r + 0.18), 0.11, facecolor="#e41a1c",
+                                    edgecolor="white", linewidth=0.8,
+                                    transform=ax.transData))
+                ax.text(i + 0.86, r + 0.19, "!", ha="center", va="center", fontsize=7,
+                        color="white", fontweight="bold")
+    # advice groups above, the mitigation overrides below
+    start = 0
+    for i in range(1, len(cols) + 1):
+        if i == len(cols) or cols[i][0] != cols[start][0]:
+            name = cols[start][0]
+            ax.plot([start + 0.06, i - 0.06], [-0.12, -0.12], color="#404040", lw=1.2,
+                    clip_on=False)
+            ax.text((start + i) / 2, -0.18, "\n".join(textwrap.wrap(name.replace("_", " "),
+                                                                     16 * (i - start))),
+                    ha="center",
+                    va="bottom", fontsize=7, fontweight="bold", clip_on=False)
+            if i < len(cols):
+                ax.axvline(i, color="#909090", lw=0.8)
+            start = i
+    for i, (_, arm) in enumerate(cols):
+        ax.text(i + 0.5, len(mechs) + 0.1, _arm_label(arm), ha="center", va="top",
+                fontsize=6.6, clip_on=False, linespacing=1.15)
+    fig.text(0.5, 1 - 0.12 / h, "Which advice fixes which NaN mechanism: measured on the map",
+             ha="center", va="top", fontsize=11, fontweight="bold")
+    fig.text(0.5, 1 - 0.38 / h, "colour = measured effect vs the mechanism's baseline; "
+             "label: effect, seeds ok k/n; row: baseline's cause @ median first bad step",
+             ha="center", va="top", fontsize=7.5, color="#333333")
+    handles = [Patch(facecolor=c, edgecolor="#707070", label=EFFECT_SHORT[e])
+               for e, c in EFFECT_COLORS.items()]
+    handles += [Patch(facecolor="#ffffff", edgecolor="black", linewidth=2.2,
+                      label="! disagrees with the prediction"),
+                Patch(facecolor="#bdbdbd", edgecolor="#707070", hatch="////", alpha=0.55,
+                      label="does not count (baseline / positive control failed)")]
+    fig.legend(handles=handles, loc="lower center", ncol=4 if w < 12 else 8, fontsize=7,
+               frameon=False, bbox_to_anchor=(0.5, 0.02))
+    fig.savefig(path)
+    return fig
+
+
+def draw_frontier(lines: list[Line], path: str | os.PathLike):
+    """Fraction of seeds ok against lr_x (log), one line per precision x softmax; an x
+    marks an lr_x where some seed failed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not lines:
+        return _empty(path, "no core cells (stress=none) in these records")
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+
+    fig = _figure(8.5, 4.6)
+    ax = fig.add_axes((0.08, 0.13, 0.58, 0.76))
+    cmap = colormaps["tab10"] if len(lines) <= 10 else colormaps["tab20"]
+    styles = {"naive": "-", "stable": "--", "sdpa": ":", "eager": "-.", "safe": (0, (5, 1))}
+    jitter = {ln.label: (i - (len(lines) - 1) / 2) * 0.008 for i, ln in enumerate(lines)}
+    for i, ln in enumerate(lines):
+        xs = [x for x, c in ln.points]
+        ys = [c.n_ok / c.n_seeds + jitter[ln.label] for _, c in ln.points]
+        color = cmap(i % cmap.N)
+        ax.plot(xs, ys, linestyle=styles.get(ln.softmax, "-"), marker="o", ms=4, lw=1.6,
+                color=color, label=ln.label)
+        for x, c in ln.points:
+            if c.n_failed:
+                ax.plot([x], [c.n_ok / c.n_seeds + jitter[ln.label]], marker="x", ms=9,
+                        mew=2, color=color)
+    ax.set_xscale("log")
+    axis = lines[0].axis
+    ax.set_xlabel("lr_x (lr / model.ref_lr)" if axis == "lr_x" else "learning rate")
+    ax.set_ylabel("fraction of seeds ok (finite and trained)")
+    ax.set_ylim(-0.08, 1.08)
+    xs = sorted({x for ln in lines for x, _ in ln.points})
+    ax.set_xticks(xs)
+    ax.set_xticklabels([fmt_lr(x) for x in xs])
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set_title("Stable-lr frontier of the core map (stress=none)", fontsize=10,
+                 fontweight="bold")
+    handles, labels = ax.get_legend_handles_labels()
+    handles.append(Line2D([], [], marker="x", ms=8, mew=2, color="#333333", lw=0))
+    labels.append("some seed failed")
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.68, 0.5), fontsize=7.5,
+               frameon=False, title="precision · softmax", title_fontsize=8)
+    fig.savefig(path)
+    return fig

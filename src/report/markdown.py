@@ -1,0 +1,196 @@
+"""report.md: summary, the matrix, the rules, per-mechanism tables, per-advice lines,
+the bf16-range claim, the frontier, and the appendix."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from src.record import STATUSES
+
+from .cells import Cell
+from .frontier import FRONTIER_RULE, Line, fmt_lr, frontier_frame
+from .summary import AdviceLine, RangePairs
+from .verdicts import RULES, Mechanism, Pair
+
+
+def md_table(rows: list[list], head: list[str]) -> str:
+    if not rows:
+        return "_(none)_\n"
+
+    def cell(v) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
+            return ""
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def _human_s(s: float) -> str:
+    if s < 120:
+        return f"{s:.1f} s"
+    return f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.2f} h"
+
+
+def _step(x: float | None) -> str:
+    return "-" if x is None else f"{x:g}"
+
+
+def _agreement(p: Pair) -> str:
+    if p.measured is None:
+        return f"_{p.status}_"
+    a = {"refutes": "**refutes**", "disagrees": "**disagrees**"}.get(p.agreement,
+                                                                     p.agreement or "")
+    return a if p.counts else f"{a} (not counted: {p.status})"
+
+
+def _seeds(c: Cell | None) -> str:
+    if c is None:
+        return ""
+    return f"{c.n_ok} ok / {c.n_failed} failing of {c.n_seeds}" + (
+        f", {c.n_stalled} stalled" if c.n_stalled else "")
+
+
+def mechanism_section(m: Mechanism) -> list[str]:
+    b = m.base
+    L = [f"### {m.label}", ""]
+    if m.text:
+        L += [f"> {m.text}", ""]
+    if m.reference:
+        L += [f"Reference: {m.reference}", ""]
+    base = f"`{' '.join(m.baseline)}`" if m.baseline else "(none in the records)"
+    if b is None:
+        L.append(f"- declared cause `{m.cause}`; baseline {base}: **not run**")
+    else:
+        frac = "" if b.median_param_frac is None else (
+            f", non-finite parameter fraction {b.median_param_frac:.2f}")
+        L.append(f"- declared cause `{m.cause}`; baseline {base}: {b.counts()}; causes "
+                 f"{b.causes_text() or '-'}; median first bad step "
+                 f"{_step(b.median_bad_step)}{frac}")
+    if m.base_status != "counts":
+        L.append(f"- **does not count: {m.base_status}**")
+    elif m.control:
+        fixes = [p.arm for p in m.pairs if p.counts and p.measured == "fixes"
+                 and p.predicted == "fixes"]
+        L.append(f"- positive control green: {', '.join(f'`{a}`' for a in fixes)} fixes it")
+    else:
+        L.append("- **positive control failed**: no prediction of `fixes` was measured as "
+                 "fixes; the rows below count nowhere")
+    L.append("")
+    rows = []
+    for p in m.pairs:
+        c = p.cell
+        step = "" if c is None else f"{_step(b.median_bad_step if b else None)} -> " \
+                                    f"{_step(c.median_bad_step)}"
+        measured = p.measured or ""
+        if p.measured and p.detail:
+            measured += f" ({p.detail})"
+        rows.append([p.advice, f"`{p.arm}`", p.predicted, measured, _agreement(p),
+                     _seeds(c), step, c.causes_text() if c else "", p.why])
+    L.append(md_table(rows, ["advice", "mitigation", "predicted", "measured", "agreement",
+                             "seeds", "first bad step", "causes", "why (prediction)"]))
+    if m.others:
+        L += [f"{len(m.others)} other cell(s) of {m.name} matched no prediction: "
+              + "; ".join(f"{c.describe(b.config) if b else c.key} ({c.counts()})"
+                          for c in m.others), ""]
+    return L
+
+
+def advice_section(lines: list[AdviceLine], rng: RangePairs) -> list[str]:
+    L = ["## Per advice", "",
+         ("Only pairs that count go into fixes / delays / worsens / out of scope (predicted and "
+         "measured no effect) / refuted / disagrees; numbers: seeds ok k/n, median first bad "
+         "step baseline -> mitigation."), ""]
+    seed = [a for a in lines if a.seed]
+    rest = [a for a in lines if not a.seed]
+
+    def item(a: AdviceLine) -> str:
+        note = f" _{a.note}._" if a.note else ""
+        return (f"- **{a.text}** (`{a.id}`; addresses {a.addresses}):{note} {a.line}")
+
+    L += [item(a) for a in seed]
+    L += ["", f"- **bf16 vs fp32 range.** {rng.line}", ""]
+    if rest:
+        L += ["Beyond the seed:", ""] + [item(a) for a in rest] + [""]
+    return L
+
+
+def frontier_section(ls: list[Line], png: str) -> list[str]:
+    L = ["## Stable-lr frontier", "", f"![stable-lr frontier]({png})", "", FRONTIER_RULE, ""]
+    fr = frontier_frame(ls)
+    rows = [[r.precision, r.softmax, r.context, r.values, fmt_lr(r.max_ok) or "none",
+             fmt_lr(r.min_failed) or "none", "yes" if r.monotone else "**no**", r.seeds]
+            for r in fr.itertuples()]
+    L.append(md_table(rows, ["precision", "softmax", "other settings", "lr_x tested",
+                             "max_ok", "min_failed", "monotone", "seeds ok per lr_x"]))
+    return L
+
+
+def render(df: pd.DataFrame, cells: list[Cell], mechs: list[Mechanism],
+           lines: list[AdviceLine], rng: RangePairs, ls: list[Line],
+           names: dict[str, str]) -> str:
+    runs = df["status"].value_counts()
+    states = pd.Series([c.state for c in cells]).value_counts() if cells else pd.Series()
+    pairs = [p for m in mechs for p in m.pairs]
+    counted = [p for p in pairs if p.counts]
+    agree = pd.Series([p.agreement for p in counted]).value_counts() if counted else {}
+    L = ["# nanlab: NaN map report", ""]
+    dropped = df.attrs.get("duplicates_dropped", 0)
+    L.append(f"- runs: **{len(df)}**" + (f" ({dropped} older or interrupted duplicate records "
+                                         "dropped)" if dropped else "")
+             + "; by status: " + ", ".join(f"{s} {int(runs.get(s, 0))}" for s in STATUSES))
+    seeds = sorted({c.n_seeds for c in cells})
+    L.append(f"- cells: **{len(cells)}** (seeds per cell: {', '.join(map(str, seeds))}); by "
+             "outcome: " + ", ".join(f"{s} {int(states.get(s, 0))}"
+                                     for s in ("ok", "stalls", "fails", "mixed", "none")))
+    L.append(f"- mechanisms: **{len(mechs)}**, {sum(m.counts for m in mechs)} count; "
+             f"predictions: {len(pairs)}, {len(counted)} count: "
+             + ", ".join(f"{k} {int(agree.get(k, 0))}"
+                         for k in ("agrees", "disagrees", "refutes")))
+    wall = float(df["wall_time_s"].fillna(0).sum())
+    if wall > 0:
+        L.append(f"- wall time (sum over runs): {_human_s(wall)}")
+    for col, name in (("device", "devices"), ("torch_version", "torch"),
+                      ("transformers_version", "transformers")):
+        vals = sorted({str(v) for v in df[col].dropna() if str(v)})
+        if vals:
+            L.append(f"- {name}: {', '.join(vals)}")
+    L += ["", f"![mechanism x mitigation]({names['matrix']})", "",
+          ("Rows: mechanisms (the baseline's declared cause and median first bad step); "
+          "columns: the advice and the mitigation that tests it. Colour: the measured effect; "
+          "label: effect and seeds ok; **!** and a black border: the measurement disagrees "
+          "with the prediction; hatched: does not count."), ""]
+    L += ["## Verdict rules", "", RULES]
+    L += ["## Mechanisms", ""]
+    if not mechs:
+        L += ["_No mechanism runs (stress=...) in these records._", ""]
+    for m in mechs:
+        L += mechanism_section(m)
+    L += advice_section(lines, rng)
+    L += frontier_section(ls, names["frontier"])
+    L += appendix(df, cells, names["map"])
+    return "\n".join(L)
+
+
+def appendix(df: pd.DataFrame, cells: list[Cell], png: str) -> list[str]:
+    L = ["## Appendix: every cell", "", f"![every cell]({png})", ""]
+    rows = []
+    for c in sorted(cells, key=lambda c: (c.stress, c.precision, c.softmax,
+                                          c.lr_x if c.lr_x is not None else c.lr)):
+        lr = f"lr_x={fmt_lr(c.lr_x)}" if c.lr_x is not None else f"lr={fmt_lr(c.lr)}"
+        rows.append([c.key, c.stress, c.precision, c.softmax, lr, c.state, c.counts(),
+                     c.causes_text(), _step(c.median_bad_step), c.module or ""])
+    L.append(md_table(rows, ["cell", "stress", "precision", "softmax", "lr", "outcome",
+                             "seeds", "causes", "first bad step", "module"]))
+    for status in ("error", "interrupted"):
+        bad = df[df["status"] == status]
+        if len(bad):
+            what = bad["error"] if status == "error" else bad["signal"]
+            counts = what.fillna("(no message)").astype(str).str.slice(0, 160).value_counts()
+            L += ["", f"### {status.capitalize()} runs (no evidence)", ""]
+            L.append(md_table([[int(k), v] for v, k in counts.items()], ["runs", status]))
+    return L

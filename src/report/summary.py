@@ -1,0 +1,172 @@
+"""Per advice: one line over every mechanism it was tested on; the seed's bf16-range claim.
+
+Only pairs that count (baseline failed with its cause, positive control green, acted in
+time, enough seeds) go into "fixes / delays / worsens / out of scope / refuted /
+disagrees"; the rest are listed after "not counted" with the reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from .advice import ADVICE, advice, ordered, range_facts
+from .cells import Cell
+from .match import equal_except
+from .verdicts import Mechanism, Pair
+
+BUCKETS = ("fixes", "delays", "worsens", "out of scope for", "refuted on", "disagrees on",
+           "not counted")
+
+
+@dataclass
+class AdviceLine:
+    id: str
+    text: str
+    addresses: str
+    note: str
+    seed: bool
+    buckets: dict[str, list[str]] = field(default_factory=dict)
+    evidence: str = ""            # monitor: the causes the monitor named
+
+    @property
+    def line(self) -> str:
+        parts = [f"{b} {'; '.join(v) if b == 'not counted' else ', '.join(v)}"
+                 for b in BUCKETS if (v := self.buckets.get(b))]
+        if self.evidence:
+            parts.insert(0, self.evidence)
+        return "; ".join(parts) if parts else "not tested by the map"
+
+
+def _numbers(p: Pair, m: Mechanism) -> str:
+    b, c = m.base, p.cell
+    if c is None or b is None:
+        return p.arm
+    f = "-" if b.median_bad_step is None else f"{b.median_bad_step:g}"
+    g = "none" if c.median_bad_step is None else f"{c.median_bad_step:g}"
+    k = f", {p.factor:.1f}x" if p.measured == "delays" and p.factor else ""
+    k += ", stalls: finite, not trained" if p.measured == "stalls" else ""
+    return (f"{p.arm}: {c.n_ok}/{c.n_seeds} seeds ok, first bad step {f} -> {g}{k}")
+
+
+def _bucket(p: Pair) -> str:
+    if not p.counts:
+        return "not counted"
+    if p.agreement == "refutes":
+        return "refuted on"
+    if p.agreement == "disagrees":
+        return "disagrees on"
+    if p.predicted == "no_effect":
+        return "out of scope for"
+    return {"fixes": "fixes", "delays": "delays", "worsens": "worsens"}.get(p.predicted,
+                                                                           "disagrees on")
+
+
+def advice_lines(mechs: list[Mechanism], cells: list[Cell]) -> list[AdviceLine]:
+    pairs = [(p, m) for m in mechs for p in m.pairs]
+    ids = ordered([*ADVICE, *(p.advice for p, _ in pairs)])
+    out = []
+    for id_ in ids:
+        a = advice(id_)
+        line = AdviceLine(id_, a.text, a.addresses, a.note, a.seed)
+        for p, m in pairs:
+            if p.advice != id_:
+                continue
+            b = _bucket(p)
+            text = f"{m.label} ({_numbers(p, m)})"
+            if b in ("refuted on", "disagrees on"):
+                text = (f"{m.label} ({p.arm}: predicted {p.predicted}, measured "
+                        f"{p.measured}: {p.detail})")
+            elif b == "not counted":
+                text = f"{m.label} ({p.arm}: {p.status})"
+            line.buckets.setdefault(b, []).append(text)
+        if id_ == "monitor":
+            line.evidence = monitor_evidence(cells)
+        out.append(line)
+    return out
+
+
+def monitor_evidence(cells: list[Cell]) -> str:
+    failed = sum(c.n_failed for c in cells)
+    if not failed:
+        return "no failing run to name a cause for"
+    causes: dict[str, int] = {}
+    for c in cells:
+        for k, n in c.causes.items():
+            causes[k] = causes.get(k, 0) + n
+    named = sum(n for k, n in causes.items() if k not in ("unknown", "none"))
+    top = ", ".join(f"{k} {n}" for k, n in sorted(causes.items(), key=lambda kv: -kv[1]))
+    return (f"the monitor named a cause for {named} of {failed} failing runs "
+            f"({named / failed:.0%}; {top})")
+
+
+# --- "bf16 has a smaller range than fp32" ---------------------------------------------------
+
+@dataclass
+class RangePairs:
+    n: int = 0
+    same: int = 0
+    differ: list[str] = field(default_factory=list)
+    few_seeds: int = 0
+
+    @property
+    def line(self) -> str:
+        head = ("The seed's claim \"bf16 has a smaller range than fp32\": " + range_facts())
+        if not self.n:
+            return head + " The map has no pair of cells differing only in fp32 vs bf16."
+        s = (f" The map's {self.n} pairs of cells that differ only in precision fp32 vs bf16: "
+             f"{self.same} had the same outcome")
+        if self.differ:
+            s += "; different: " + "; ".join(self.differ)
+        if self.few_seeds:
+            s += f" ({self.few_seeds} of the pairs have a cell with fewer than 3 seeds)"
+        return head + s + "."
+
+
+def range_pairs(cells: list[Cell]) -> RangePairs:
+    fp32 = [c for c in cells if c.precision == "fp32" and c.n_seeds]
+    bf16 = [c for c in cells if c.precision == "bf16" and c.n_seeds]
+    r = RangePairs()
+    for a in fp32:
+        for b in bf16:
+            if not equal_except(a.config, b.config, ["precision"]):
+                continue
+            r.n += 1
+            r.few_seeds += int(not (a.enough_seeds and b.enough_seeds))
+            if a.state == b.state:
+                r.same += 1
+            else:
+                r.differ.append(f"{_where(a)}: fp32 {a.state} ({a.counts()}), bf16 {b.state} "
+                                f"({b.counts()})")
+    return r
+
+
+def _where(c: Cell) -> str:
+    lr = f"lr_x={c.lr_x:g}" if c.lr_x is not None else f"lr={c.lr:g}"
+    return f"stress={c.stress} softmax={c.softmax} {lr}"
+
+
+def pairs_frame(mechs: list[Mechanism]) -> pd.DataFrame:
+    """One row per (mechanism, prediction): verdicts.csv and the notebook's table."""
+    rows = []
+    for m in mechs:
+        b = m.base
+        for p in m.pairs:
+            c = p.cell
+            rows.append({
+                "mechanism": m.label, "cause": m.cause, "advice": p.advice,
+                "mitigation": p.arm, "predicted": p.predicted, "measured": p.measured,
+                "agreement": p.agreement, "status": p.status, "counts": p.counts,
+                "detail": p.detail, "factor": p.factor,
+                "base_seeds": b.n_seeds if b else None, "base_failed": b.n_failed if b else None,
+                "base_bad_step": b.median_bad_step if b else None,
+                "base_param_frac": b.median_param_frac if b else None,
+                "base_causes": b.causes_text() if b else None,
+                "seeds": c.n_seeds if c else None, "seeds_ok": c.n_ok if c else None,
+                "seeds_failed": c.n_failed if c else None,
+                "bad_step": c.median_bad_step if c else None,
+                "param_frac": c.median_param_frac if c else None,
+                "causes": c.causes_text() if c else None, "why": p.why,
+                "base_cell": b.key if b else None, "cell": c.key if c else None,
+            })
+    return pd.DataFrame(rows)
