@@ -14,6 +14,9 @@ SWEEP_DIR  ?= outputs/sweeps/$(EXPERIMENT)
 BLOCKS     ?= $(if $(filter nan_map,$(EXPERIMENT)),nan_map nan_map_mitigations nan_map_guards nan_map_stress nan_map_data,$(EXPERIMENT))
 # two cells side by side, one torch thread each: 2x the throughput of one 2-thread cell here
 LOCAL_LAUNCHER ?= hydra/launcher=joblib hydra.launcher.n_jobs=2
+# make sweep: conf/hydra/launcher/$(SLURM_LAUNCHER).yaml; slurm_local for the one-node
+# cluster of experiments/slurm/local_cluster.sh; cluster keys via OVERRIDES="hydra.launcher.partition=gpu ..."
+SLURM_LAUNCHER ?= slurm
 OVERRIDES  ?=
 REPORT_DIR ?= $(SWEEP_DIR)
 ARGS       ?=
@@ -50,7 +53,7 @@ sweep-local: $(STAMP)  ## the default map on this machine (~15 min on 2 cores), 
 
 sweep: $(STAMP)  ## the same grid on SLURM through Hydra's submitit launcher
 	set -e; for b in $(BLOCKS); do $(block_dir); \
-	  $(PY) -m src.train -m experiment=$$b hydra/launcher=slurm hydra.sweep.dir=$$d $(OVERRIDES); done
+	  $(PY) -m src.train -m experiment=$$b hydra/launcher=$(SLURM_LAUNCHER) hydra.sweep.dir=$$d $(OVERRIDES); done
 
 report: $(STAMP)
 	$(PY) -m src.report $(REPORT_DIR)
