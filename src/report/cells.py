@@ -87,7 +87,7 @@ class Cell:
         """ok / fails / stalls / mixed / none (no evidence), by the 2/3 rule.
 
         ok: >= 2/3 of seeds ok (finite and trained); fails: >= 2/3 non-finite or diverged;
-        stalls: >= 2/3 finite but fewer than 2/3 trained; mixed: anything else.
+        stalls: >= 2/3 stalled (finite, not trained); mixed: anything else.
         """
         n = self.n_seeds
         if n == 0:
@@ -96,7 +96,7 @@ class Cell:
             return "ok"
         if two_thirds(self.n_failed, n):
             return "fails"
-        if two_thirds(self.n_finite, n):
+        if two_thirds(self.n_stalled, n):
             return "stalls"
         return "mixed"
 

@@ -84,8 +84,8 @@ def mechanism_section(m: Mechanism) -> list[str]:
     rows = []
     for p in m.pairs:
         c = p.cell
-        step = "" if c is None else f"{_step(b.median_bad_step if b else None)} -> " \
-                                    f"{_step(c.median_bad_step)}"
+        step = "" if c is None else (f"{_step(b.median_bad_step if b else None)} -> "
+                                     f"{_step(c.median_bad_step) if c.n_failed else 'none'}")
         measured = p.measured or ""
         if p.measured and p.detail:
             measured += f" ({p.detail})"

@@ -41,7 +41,7 @@ RULES = f"""\
   bad step is at least {DELAY_FACTOR:g}x the baseline's (factor k given); **worsens** = it fails
   with a median first bad step below the baseline's, or with a median `nonfinite_param_frac`
   larger than the baseline's by more than {SPREAD_MARGIN:g}; **no_effect** = it fails otherwise;
-  **stalls** = at least 2/3 of its seeds stay finite but fewer than 2/3 train (not a fix;
+  **stalls** = at least 2/3 of its seeds stalled: finite but not trained (not a fix;
   agreement counts it as no_effect); **mixed** = none of these (counts given).
 - **Positive control.** A mechanism counts only if at least one prediction with effect
   `fixes` is measured as fixes; otherwise its rows are shown, marked "positive control
@@ -83,7 +83,7 @@ def measure(base: Cell, mit: Cell) -> Measured:
             k = "from step 0" if factor is None else f"{factor:.1f}x"
             return Measured("delays", f"fails later: {steps} ({k})", factor)
         return Measured("no_effect", f"fails like the baseline: {steps}", factor)
-    if two_thirds(mit.n_finite, n):
+    if two_thirds(mit.n_stalled, n):
         return Measured("stalls", f"finite but not trained: {mit.counts()}")
     return Measured("mixed", f"mixed seeds: {mit.counts()}")
 
