@@ -16,7 +16,11 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward, repeat_kv
 
-VARIANTS = ("sdpa", "eager", "naive", "stable", "safe", "softcap", "flash")
+VARIANTS = ("sdpa", "eager", "naive", "stable", "safe", "softcap", "zeroed", "flash")
+# How the 4D mask is built: transformers' own (one float-min plane, or sdpa's boolean mask),
+# or the sum of a causal plane and query- and key-padding planes of float-min, which is
+# -inf wherever two planes meet (stress=masked_rows, grad_poison).
+MASKS = ("transformers", "summed_planes")
 OBSERVERS: list[Callable] = []
 
 
@@ -107,6 +111,38 @@ def _softcap(cap: float) -> Callable:
     return softmax
 
 
+def _zeroed(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """transformers' eager attention (fp32 softmax of scores + mask), with the rows that came
+    out NaN patched to 0 afterwards, as many codebases do for fully masked rows. The forward
+    is finite; the softmax's backward at those rows is 0 x NaN = NaN (PyTorch issue 41508)."""
+    k = repeat_kv(key, module.num_key_value_groups)
+    scores = torch.matmul(query, k.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : k.shape[-2]]
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    weights = weights.nan_to_num(0.0).to(query.dtype)
+    return _finish(module, weights, value, dropout)
+
+
+def summed_planes_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
+                       mask_function=None, attention_mask=None, dtype=torch.float32,
+                       device="cpu", **kwargs):
+    """transformers' causal plane (its own `eager_mask`, no padding) plus a key-padding and
+    a query-padding plane, each float-min: where two meet the sum is -inf, so a left-padded
+    query row is -inf across every key, in fp32 as in bf16."""
+    kw = {"mask_function": mask_function} if mask_function is not None else {}
+    causal = eager_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
+                        attention_mask=None, dtype=dtype, device=device, **kw)
+    if attention_mask is None:
+        return causal
+    pad = ~attention_mask.bool().to(device)
+    low = torch.finfo(dtype).min
+    zero = torch.zeros((), dtype=dtype, device=device)
+    keys = torch.where(pad[:, None, None, kv_offset:kv_offset + kv_length], low, zero)
+    queries = torch.where(pad[:, None, q_offset:q_offset + q_length, None], low, zero)
+    return causal + keys + queries
+
+
 def _sdpa(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -123,6 +159,7 @@ def attention_function(spec: SoftmaxSpec) -> Callable:
         "stable": _variant(lambda s, m: stable_softmax(s)),
         "safe": _variant(lambda s, m: safe_softmax(s, _masked(m))),
         "softcap": _variant(_softcap(spec.cap)),
+        "zeroed": _zeroed,
     }[spec.name]
 
 
@@ -135,21 +172,25 @@ def _observed(fn: Callable) -> Callable:
     return attention
 
 
-def register(spec: SoftmaxSpec) -> str:
+def register(spec: SoftmaxSpec, mask: str = "transformers") -> str:
     """Register the variant with transformers; returns the attn_implementation name."""
     if spec.name not in VARIANTS:
         raise ValueError(f"softmax={spec.name}: allowed {', '.join(VARIANTS)}")
+    if mask not in MASKS:
+        raise ValueError(f"stress.mask={mask}: allowed {', '.join(MASKS)}")
     if spec.name == "flash":
         return "flash_attention_2"  # transformers' kernel, unobserved; needs flash-attn (GPU)
     name = f"nanlab_{spec.name}" + (f"_{spec.cap:g}" if spec.name == "softcap" else "")
+    name += "_summed" if mask == "summed_planes" else ""
     AttentionInterface.register(name, _observed(attention_function(spec)))
     # the mask each implementation gets from transformers: boolean for sdpa, additive else
-    AttentionMaskInterface.register(name, sdpa_mask if spec.name == "sdpa" else eager_mask)
+    masks = sdpa_mask if spec.name == "sdpa" else eager_mask
+    AttentionMaskInterface.register(name, summed_planes_mask if mask == "summed_planes" else masks)
     return name
 
 
-def apply(model, spec: SoftmaxSpec) -> str:
-    """Make every attention layer of both towers use the variant."""
-    name = register(spec)
+def apply(model, spec: SoftmaxSpec, mask: str = "transformers") -> str:
+    """Make every attention layer of both towers use the variant (and the mask builder)."""
+    name = register(spec, mask)
     model.set_attn_implementation(name)
     return name

@@ -44,7 +44,11 @@ class DataSpec:
     image_root: str | None = None     # image paths are relative to this (default: the file's dir)
     skip_bad: bool = False            # skip and count bad records instead of raising
     padding_side: str = "right"       # left | right
-    normalize: bool = True            # False feeds raw 0-255 pixels to the vision tower
+    normalize: bool = True            # False feeds raw pixels (0..pixel_max) to the vision tower
+    pixel_max: int = 255              # normalize=false: 255 (8-bit) or 65535 (16-bit files)
+    max_length: int | None = None     # truncate each sequence to this many tokens (a cutoff_len)
+    tasks: list[str] | None = None    # shapes only: question kinds (default: shape, colour,
+    #                                   position; the tiny base is pretrained on captions)
     min_pixels: int = 3136
     max_pixels: int = 3136
     num_workers: int = 0
@@ -63,6 +67,13 @@ class DataSpec:
         for key in ("num_val", "num_test", "num_workers"):
             if getattr(self, key) < 0:
                 raise ValueError(f"data.{key}={getattr(self, key)}: must be >= 0")
+        unknown = sorted(set(self.tasks or ()) - set(QUESTIONS))
+        if unknown:
+            raise ValueError(f"data.tasks={unknown[0]}: allowed {', '.join(QUESTIONS)}")
+        if self.pixel_max not in (255, 65535):
+            raise ValueError(f"data.pixel_max={self.pixel_max}: allowed 255, 65535")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"data.max_length={self.max_length}: must be >= 1 (or null)")
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"data.min_pixels={self.min_pixels}: must be <= data.max_pixels="
                              f"{self.max_pixels}")
@@ -90,6 +101,7 @@ QUESTIONS = {
 }
 # Every distinct sample: splits are disjoint slices of one seeded shuffle of these keys.
 SHAPE_KEYS = list(itertools.product(SHAPES, COLOURS, SIZES, POSITIONS, BACKGROUNDS, QUESTIONS))
+FINE_TUNING_TASKS = ("shape", "colour", "position")  # the tiny base learned "caption"
 
 
 def draw_shape(shape: str, colour: str, size: str, position: str, background: str,
@@ -131,10 +143,11 @@ def shapes_sample(key: tuple, seed: int, image_size: int, sample_id: str) -> dic
 def shapes_splits(spec: DataSpec, seed: int) -> dict[str, list[dict]]:
     sizes = {"train": spec.num_train, "val": spec.num_val, "test": spec.num_test}
     total = sum(sizes.values())
-    if total > len(SHAPE_KEYS):
+    tasks = set(spec.tasks or FINE_TUNING_TASKS)
+    keys = [k for k in SHAPE_KEYS if k[-1] in tasks]
+    if total > len(keys):
         raise ValueError(f"data.num_train+num_val+num_test={total}: shapes has only "
-                         f"{len(SHAPE_KEYS)} distinct samples")
-    keys = SHAPE_KEYS.copy()
+                         f"{len(keys)} distinct samples for tasks {sorted(tasks)}")
     random.Random(seed).shuffle(keys)
     splits, start = {}, 0
     for split, n in sizes.items():
@@ -299,11 +312,16 @@ def assistant_labels(input_ids: torch.Tensor, header: list[int], end_id: int) ->
 
 
 class Collator:
-    def __init__(self, processor, padding_side: str = "right"):
+    def __init__(self, processor, padding_side: str = "right", max_length: int | None = None,
+                 pixel_max: int = 255):
         if padding_side not in PADDING_SIDES:
             raise ValueError(f"data.padding_side={padding_side}: allowed left, right")
         self.processor = processor
         self.padding_side = padding_side
+        self.max_length = max_length
+        # normalize=false: the processor gives 0-255; 16-bit files read without rescaling
+        # give 0-65535 (pixel_max), the same picture 257x larger
+        self.pixel_scale = pixel_max / 255
         tokenizer = processor.tokenizer
         self.header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
         self.end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -321,11 +339,51 @@ class Collator:
         batch = dict(batch)
         if "pixel_values" in batch:  # normalize=False gives uint8; keep one float dtype
             batch["pixel_values"] = batch["pixel_values"].float()
+            if not self.processor.image_processor.do_rescale:
+                batch["pixel_values"] = batch["pixel_values"] * self.pixel_scale
         labels = assistant_labels(batch["input_ids"], self.header, self.end_id)
         labels[torch.isin(batch["input_ids"], self.vision_ids)] = IGNORE_INDEX
         batch["labels"] = labels
+        if self.max_length is not None:
+            batch = truncate(batch, self.max_length, self.padding_side, self.vision_ids,
+                             [s["id"] for s in samples], self.processor.tokenizer.pad_token_id)
         batch["sample_ids"] = [s["id"] for s in samples]
         return batch
+
+
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")
+
+
+def truncate(batch: dict, max_length: int, side: str, vision_ids: torch.Tensor,
+             ids: list[str], pad_id: int) -> dict:
+    """Keep the first `max_length` real tokens of each sequence (what a fine-tuning
+    framework's cutoff_len does before padding), re-padded on the same side. Cutting into
+    the image tokens is refused: the model needs one token per image feature."""
+    mask = batch["attention_mask"].bool()
+    lengths = mask.sum(1)
+    kept = lengths.clamp(max=max_length)
+    width = int(kept.max())
+    out = dict(batch)
+    for key in SEQUENCE_KEYS:
+        if key not in batch:
+            continue
+        t = batch[key]
+        fill = {"input_ids": pad_id, "labels": IGNORE_INDEX}.get(key, 0)
+        new = t.new_full((t.shape[0], width), fill)
+        for row in range(t.shape[0]):
+            real = t[row][mask[row]][: int(kept[row])]
+            if side == "left":
+                new[row, width - len(real):] = real
+            else:
+                new[row, : len(real)] = real
+        out[key] = new
+    cut_vision = [i for i, row in enumerate(batch["input_ids"])
+                  if torch.isin(row[mask[i]][int(kept[i]):], vision_ids).any()]
+    if cut_vision:
+        i = cut_vision[0]
+        raise ValueError(f"data.max_length={max_length}: cuts into the image tokens of sample "
+                         f"{ids[i]} ({int(lengths[i])} tokens)")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,7 +415,7 @@ class NanDataModule(L.LightningDataModule):
         super().__init__()
         spec.check()
         self.spec, self.batch_size, self.seed = spec, batch_size, seed
-        self.collate = Collator(processor, spec.padding_side)
+        self.collate = Collator(processor, spec.padding_side, spec.max_length, spec.pixel_max)
         self.train = self.val = self.test = None
 
     def setup(self, stage: str | None = None) -> None:

@@ -20,6 +20,7 @@ class ModelSpec:
     name: str = "tiny"
     path: str | None = None  # a local directory: loads from_pretrained instead of building
     init: str = "random"     # tiny only: random | base (the project's pretrained tiny base)
+    base_steps: int = 300    # init=base: pretraining steps of the base (src/base.py)
     ref_lr: float | None = None  # the reference fine-tuning lr: records give lr_x = lr / ref_lr
     # tiny-model sizes (ignored when loading a checkpoint)
     hidden_size: int = 64
@@ -94,9 +95,16 @@ def build_model(spec: ModelSpec, seed: int):
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             str(path), local_files_only=True, dtype=torch.float32
         )
-    else:
+    elif spec.init == "base":
+        from .base import load_base
+
+        model = load_base(spec)
+    elif spec.init == "random":
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(tiny_config(spec))
+    else:
+        raise ValueError(f"model.init={spec.init}: allowed base, random")
+    model.train()  # from_pretrained returns eval mode
     apply_freezing(model, spec)
     if spec.lora.r > 0:
         from peft import LoraConfig, get_peft_model

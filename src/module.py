@@ -22,35 +22,44 @@ class OptimSpec:
     vision_lr: float | None = None
 
 
+def supervised_loss(model, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy over supervised (assistant) tokens, as the model's own loss: over
+    zero supervised tokens it is 0/0 = NaN, as transformers' is (stress=empty_targets).
+
+    Logits are computed only at positions whose next token is supervised (transformers'
+    `logits_to_keep`): the 151,936-way lm_head is most of the tiny model's compute."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "sample_ids")}
+    targets = batch["labels"][:, 1:]
+    keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(),
+                           ignore_index=-100)
+
+
 class NanLabModule(L.LightningModule):
     def __init__(self, model, optim: OptimSpec,
                  lr_multiplier: Callable[[int], float] | None = None,
-                 batch_transform: Callable[[dict], dict] | None = None):
+                 batch_transform: Callable[[dict, int], dict] | None = None):
         super().__init__()
         self.model = model
         self.optim = optim
         # stress=lr_spike multiplies the schedule for a few steps
         self.lr_multiplier = lr_multiplier or (lambda step: 1.0)
-        # stress=masked_rows pads every batch on the left
+        # stress=grad_poison pads one sample on the left every few steps
         self.batch_transform = batch_transform
 
-    def transform(self, batch: dict) -> dict:
-        return self.batch_transform(batch) if self.batch_transform else batch
+    def transform(self, batch: dict, step: int | None = None) -> dict:
+        if self.batch_transform is None:
+            return batch
+        if step is None:
+            step = self.trainer.global_step if self._trainer is not None else 0
+        return self.batch_transform(batch, step)
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         return self.transform(batch)
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
-        """Mean cross-entropy over supervised (assistant) tokens, as the model's own loss.
-
-        Logits are computed only at positions whose next token is supervised (transformers'
-        `logits_to_keep`): the 151,936-way lm_head is most of the tiny model's compute."""
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "sample_ids")}
-        targets = batch["labels"][:, 1:]
-        keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
-        logits = self.model(**inputs, logits_to_keep=keep, use_cache=False).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(),
-                               ignore_index=-100)
+        return supervised_loss(self.model, batch)
 
     def training_step(self, batch, batch_idx):
         loss = self.compute_loss(batch)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from . import attention
+from . import attention, causes
 
 
 @dataclass
@@ -42,6 +42,14 @@ class Failure:
     module: str | None = None
     dtype: str | None = None
     replay_agrees: bool | None = None
+    cause: str | None = None     # record.CAUSES
+    cause_detail: str | None = None
+    cause_value: float | None = None
+    grad_frac: float | None = None   # backward: non-finite gradient elements / all
+    param_frac: float | None = None  # after the step: non-finite parameter elements / all
+
+    def explain(self, found) -> None:
+        self.cause, self.cause_detail, self.cause_value = found or ("unknown", None, None)
 
 
 @dataclass
@@ -121,10 +129,11 @@ class AttentionStats:
 
 # --- locating the first non-finite module --------------------------------------------------
 
-def first_nonfinite_forward(model, run_forward) -> tuple[str | None, str | None, object]:
+def first_nonfinite_forward(model, run_forward, why: list | None = None,
+                            sample_ids=None) -> tuple[str | None, str | None, object]:
     """Run `run_forward()` with a forward hook on every module; return the first module (in
     completion order, so the innermost) whose output is non-finite, its dtype, and the
-    forward's result."""
+    forward's result. `why`, when given, receives the cause (causes.py) of that value."""
     found: list[tuple[str, str]] = []
 
     def hook(name):
@@ -133,6 +142,8 @@ def first_nonfinite_forward(model, run_forward) -> tuple[str | None, str | None,
                 bad = _first_bad(output)
                 if bad is not None:
                     found.append((name, str(bad.dtype).replace("torch.", "")))
+                    if why is not None:
+                        why.append(causes.module_cause(args, output, bad.dtype))
         return fn
 
     names = {id(m): n for n, m in model.named_modules()}
@@ -144,6 +155,10 @@ def first_nonfinite_forward(model, run_forward) -> tuple[str | None, str | None,
             bad = _first_bad((weights, out))
             if bad is not None:
                 found.append((names[id(module)], str(bad.dtype).replace("torch.", "")))
+                if why is not None:
+                    why.append(causes.attention_cause(
+                        query, key, mask, scaling, weights, out,
+                        getattr(module, "num_key_value_groups", 1), sample_ids))
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
     attention.OBSERVERS.append(observe)
@@ -198,12 +213,19 @@ def _hooked_backward(model, run_forward, backward):
 # --- the callback ---------------------------------------------------------------------------
 
 class NanMonitor(Callback):
-    """Checks every step; on the first non-finite value, locates it and stops cleanly."""
+    """Checks every step; on the first non-finite value, locates it, names its cause and
+    stops cleanly. Two exceptions, both measured rather than assumed:
+    - a NaN loss over zero supervised tokens (its gradients are zero, the weights unharmed)
+      is recorded (cause empty_targets) and counted, and the run goes on;
+    - a non-finite gradient lets that one optimizer step run (clipping, AdamW), so the record
+      says how far the poison spread (nonfinite_param_frac), then stops."""
 
     def __init__(self, spec: MonitorSpec, tolerate_nonfinite_grads: bool = False):
         self.spec = spec
         self.tolerate_grads = tolerate_nonfinite_grads  # guard=skip_step handles them
         self.failure: Failure | None = None
+        self.empty: Failure | None = None    # the first step whose batch had no target
+        self.empty_steps = 0
         self.history = History()
         self.max_grad_norm = 0.0
         self.max_attn_logit: float | None = None
@@ -216,6 +238,7 @@ class NanMonitor(Callback):
         self._min_loss = math.inf
         self._above = 0
         self._stats_ctx = None
+        self._poisoned = False
         self.failing_batch = None
         self.started = time.time()
 
@@ -225,9 +248,11 @@ class NanMonitor(Callback):
         self.started = time.time()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # what the replay needs to redo this step: batch, RNG, and progressive's precision
+        self._snapshot = (batch, torch.get_rng_state(),
+                          getattr(trainer.precision_plugin, "active", None))
         self._batch = batch
         self._phase = None
-        self._rng = torch.get_rng_state()
         self._grad_norm = math.nan
         every = self.spec.every
         if self.spec.enabled and every and trainer.global_step % every == 0:
@@ -240,6 +265,7 @@ class NanMonitor(Callback):
         self._stats_ctx.__exit__(None, None, None)
         self._stats_ctx = None
         summary = self.stats.summary()
+        self._note_logits(summary)
         metrics = {}
         for name, s in summary.items():
             short = name.replace("model.", "").replace("language_model.layers", "llm")
@@ -248,27 +274,38 @@ class NanMonitor(Callback):
             metrics[f"attn/{short}/entropy"] = s["entropy"]
             metrics[f"attn/{short}/nonfinite"] = float(s["nonfinite"])
             self.attn_dtype = s["dtype"]
+        if trainer.loggers and metrics:
+            for lg in trainer.loggers:
+                lg.log_metrics(metrics, step=trainer.global_step)
+
+    def _note_logits(self, summary: dict) -> None:
         logits = [s["max_logit"] for s in summary.values() if math.isfinite(s["max_logit"])]
         if logits:
             top = max(logits)
             self.max_attn_logit = top if self.max_attn_logit is None else max(
                 self.max_attn_logit, top)
-        if trainer.loggers and metrics:
-            for lg in trainer.loggers:
-                lg.log_metrics(metrics, step=trainer.global_step)
 
     # forward: the loss
     def on_before_backward(self, trainer, pl_module, loss):
         if not self.spec.enabled or self.failure is not None:
             return
-        if not torch.isfinite(loss.detach()).all():
-            if self.tolerate_grads:
-                # guard=skip_step: the gradients will be non-finite too and the guard skips
-                # the step; a failure only if it keeps happening (see _skipped)
-                self._phase = "forward"
-                return
-            self._close_stats(trainer)
-            self._fail(trainer, pl_module, "forward")
+        if torch.isfinite(loss.detach()).all():
+            return
+        empty = causes.empty_targets_cause(self._batch)
+        if empty is not None:
+            # 0/0 over zero targets: NaN loss, zero gradients, weights unharmed; go on
+            self.empty_steps += 1
+            if self.empty is None:
+                self.empty = Failure("nonfinite", trainer.global_step, "forward")
+                self.empty.explain(empty)
+            return
+        if self.tolerate_grads:
+            # guard=skip_step: the gradients will be non-finite too and the guard skips
+            # the step; a failure only if it keeps happening (see _skipped)
+            self._phase = "forward"
+            return
+        self._close_stats(trainer)
+        self._fail(trainer, pl_module, "forward")
 
     # backward: gradients (already unscaled by the fp16 loss scaler), before clipping
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -300,17 +337,21 @@ class NanMonitor(Callback):
             self._skipped(trainer, pl_module, self._phase or "backward")
             return
         self._fail(trainer, pl_module, "backward")
+        bad = sum(int((~torch.isfinite(p.grad)).sum()) for p in params)
+        self.failure.grad_frac = bad / max(sum(p.grad.numel() for p in params), 1)
+        self._poisoned = True  # let clipping and AdamW run once: measure the spread
 
     def _skipped(self, trainer, pl_module, phase):
         """A step the guard skipped: a run whose every step is skipped from some point on
         only looks alive, so `max_skipped_in_row` skips in a row (or skipping until the end)
         fail it at the first step of the streak."""
         if self._skips_in_row == 0:
-            self._streak = (trainer.global_step, phase)
+            self._streak = (trainer.global_step, phase, self._snapshot)
         self._skips_in_row += 1
         last = trainer.global_step + 1 >= (trainer.max_steps or 0)
         if self._skips_in_row >= self.spec.max_skipped_in_row or last:
-            self._fail(trainer, pl_module, self._streak[1], step=self._streak[0])
+            step, phase, snapshot = self._streak
+            self._fail(trainer, pl_module, phase, step=step, snapshot=snapshot)
 
     # optimizer: parameters, loss history, divergence
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -322,6 +363,9 @@ class NanMonitor(Callback):
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         for k, v in (("step", step), ("loss", loss), ("grad_norm", self._grad_norm), ("lr", lr)):
             getattr(self.history, k).append(v)
+        if self._poisoned:
+            self._poisoned = False
+            self.failure.param_frac = _nonfinite_fraction(pl_module.parameters())
         if self.failure is not None:
             trainer.should_stop = True
             return
@@ -334,9 +378,13 @@ class NanMonitor(Callback):
                 self.failure = Failure("nonfinite", step, "optimizer",
                                        name.removeprefix("model.").rsplit(".", 1)[0],
                                        str(params[i].dtype).replace("torch.", ""))
+                self.failure.explain(("optimizer_poison", "finite gradients, non-finite "
+                                      "parameters after the optimizer step", None))
+                self.failure.param_frac = _nonfinite_fraction(params)
                 trainer.should_stop = True
                 return
-        self._watch_divergence(trainer, step, loss)
+        if math.isfinite(loss):
+            self._watch_divergence(trainer, step, loss)
 
     def _watch_divergence(self, trainer, step, loss):
         if self._ema is not None and loss > self.spec.spike_factor * self._ema:
@@ -347,51 +395,80 @@ class NanMonitor(Callback):
             self._above += 1
             if self._above >= self.spec.patience:
                 self.failure = Failure("diverged", step - self.spec.patience + 1)
+                self.failure.explain(("divergence", f"loss {loss:.3g} > "
+                                      f"{self.spec.diverge_factor:g} x its minimum "
+                                      f"{self._min_loss:.3g} for {self.spec.patience} steps",
+                                      loss / self._min_loss))
                 trainer.should_stop = True
         else:
             self._above = 0
 
     # locating
-    def _fail(self, trainer, pl_module, phase, step: int | None = None):
+    def _fail(self, trainer, pl_module, phase, step: int | None = None, snapshot=None):
         step = trainer.global_step if step is None else step
+        snapshot = snapshot or self._snapshot
         self.failure = Failure("nonfinite", step, phase)
-        self.failing_batch = self._batch
+        self.failing_batch = snapshot[0]
         trainer.should_stop = True
+        found = causes.input_cause(snapshot[0])
         if self.spec.locate:
-            self.failure.module, self.failure.dtype, self.failure.replay_agrees = self._locate(
-                trainer, pl_module, phase)
+            name, dtype, agrees, why = self._locate(trainer, pl_module, phase, snapshot)
+            self.failure.module, self.failure.dtype, self.failure.replay_agrees = (
+                name, dtype, agrees)
+            found = found or why
+        if found is None and phase == "backward":
+            found = ("grad_nonfinite", "finite forward and loss, non-finite gradient"
+                     + (f" first at {self.failure.module}" if self.failure.module else ""), None)
+        self.failure.explain(found)
 
-    def _locate(self, trainer, pl_module, phase):
-        """Replay the failing step with hooks: same batch, same weights, same RNG state."""
+    def _locate(self, trainer, pl_module, phase, snapshot):
+        """Replay the failing step with hooks: same batch, same weights, same RNG state, and
+        the precision it ran in (progressive: fp32 or bf16 as at that step)."""
         plugin = trainer.precision_plugin
         model = pl_module.model
-        batch = plugin.convert_input(self._batch)
+        batch_in, rng_state, active = snapshot
+        batch = plugin.convert_input(batch_in)
         saved = {p: p.grad for p in pl_module.parameters()}
         rng = torch.get_rng_state()
-        torch.set_rng_state(self._rng)
+        was_active = getattr(plugin, "active", None)
+        torch.set_rng_state(rng_state)
+        if active is not None:
+            plugin.active = active
+        why: list = []
         try:
             def forward():
                 with plugin.train_step_context():
                     return pl_module.compute_loss(batch)
 
-            if phase == "forward":
-                with torch.no_grad():
-                    name, dtype, loss = first_nonfinite_forward(model, forward)
-                agrees = not torch.isfinite(loss).all().item()
-            else:
-                for p in saved:
-                    p.grad = None
-                scaler = getattr(plugin, "scaler", None)
+            with self.stats.active():
+                if phase == "forward":
+                    with torch.no_grad():
+                        name, dtype, loss = first_nonfinite_forward(
+                            model, forward, why, batch.get("sample_ids"))
+                    agrees = not torch.isfinite(loss).all().item()
+                else:
+                    for p in saved:
+                        p.grad = None
+                    scaler = getattr(plugin, "scaler", None)
 
-                def backward(loss):
-                    with plugin.backward_context() if hasattr(plugin, "backward_context") \
-                            else contextlib.nullcontext():
-                        (scaler.scale(loss) if scaler is not None else loss).backward()
+                    def backward(loss):
+                        with plugin.backward_context() if hasattr(plugin, "backward_context") \
+                                else contextlib.nullcontext():
+                            (scaler.scale(loss) if scaler is not None else loss).backward()
 
-                name, dtype = _hooked_backward(model, forward, backward)
-                agrees = name is not None
-            return name, dtype, agrees
+                    name, dtype = _hooked_backward(model, forward, backward)
+                    agrees = name is not None
+            self._note_logits(self.stats.summary())  # the failing step's logits count too
+            return name, dtype, agrees, next((w for w in why if w), None)
         finally:
             torch.set_rng_state(rng)
+            if active is not None:
+                plugin.active = was_active
             for p, g in saved.items():
                 p.grad = g
+
+
+def _nonfinite_fraction(params) -> float:
+    params = list(params)
+    bad = sum(int((~torch.isfinite(p)).sum()) for p in params)
+    return bad / max(sum(p.numel() for p in params), 1)

@@ -19,7 +19,7 @@ RECORD_NAME = "record.json"
 STATUSES = ("ok", "stalled", "nonfinite", "diverged", "interrupted", "error")
 FAILED = ("nonfinite", "diverged")
 # What the monitor names as the first non-finite value's cause (src/monitor.py decides).
-CAUSES = ("exp_overflow", "masked_row", "half_overflow", "empty_targets", "nonfinite_input",
+CAUSES = ("exp_overflow", "exp_underflow", "masked_row", "half_overflow", "empty_targets", "nonfinite_input",
           "grad_nonfinite", "optimizer_poison", "divergence", "unknown")
 # The axes a sweep varies; the report shows cells by these. A cell's identity is `cell`
 # (the hash of every config key that changes a run, the seed left out), never these alone.

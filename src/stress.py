@@ -1,39 +1,52 @@
-"""Failure mechanisms on demand, applied to a built model or its batches.
+"""Failure mechanisms, applied to a built model, its schedule or its batches.
 
-The tiny random model does not break at ordinary settings; pretrained Qwen2.5-VL has
-properties that make it break. Each option reproduces one documented mechanism (the YAML
-under conf/stress/ names the report it follows):
+Each option is one documented mechanism; its YAML under conf/stress/ holds the paragraph,
+the reference, the cause the monitor records when it fires, the baseline overrides under
+which it fails on the tiny base, and the predictions the map tests. Every mechanism fails
+through computation on transformers' code path, never by writing inf or NaN anywhere:
 - logit_growth: q/k projections scaled so the largest attention logit starts at
-  `target_logit` in every layer of both towers (Wortsman et al. 2023; Dehghani et al. 2023).
-- outliers: a few residual-stream channels carry massive activations of size `magnitude`,
-  added by the first MLP of each tower (Sun et al. 2024; vLLM issue 13817 in fp16).
-- masked_rows: every sequence gets `pad` extra left-padding tokens, so the padded query
-  rows are fully masked (transformers issue 35151, PyTorch issue 103749).
+  `target_logit` in every layer of both towers; training at a high lr grows them further.
+- fp16_overflow: massive activations planted in the first decoder MLP of the base, on the
+  `token` embedding only, of size `magnitude` (finite in bf16/fp32; past fp16's max only as
+  the down projection's output).
+- masked_rows / grad_poison: the 4D mask built as summed float-min planes (`mask`), see
+  attention.summed_planes_mask; grad_poison also left-pads one sample by `pad` tokens every
+  `every` batches.
+- empty_targets, pixel_range: data settings only (data.max_length, data.pixel_max).
 - lr_spike: the learning rate is multiplied by `factor` for `length` steps from `at`.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .monitor import AttentionStats
 
-STRESSES = ("none", "logit_growth", "outliers", "masked_rows", "lr_spike")
+STRESSES = ("none", "logit_growth", "fp16_overflow", "masked_rows", "empty_targets",
+            "grad_poison", "lr_spike", "pixel_range")
 
 
 @dataclass
 class StressSpec:
     name: str = "none"
-    mechanism: str = ""          # documentation only (from the YAML)
-    reference: str = ""          # documentation only
+    # the study's data (conf/stress/<name>.yaml); the map and the report read them
+    mechanism: str = ""
+    reference: str = ""
+    cause: str | None = None     # what the monitor records when the mechanism fires
+    baseline: list[str] = field(default_factory=list)      # overrides under which it fails
+    predictions: list[dict] = field(default_factory=list)  # {advice, mitigation, effect, why}
+    # the mechanisms' parameters
     target_logit: float = 60.0   # logit_growth
-    magnitude: float = 1e5       # outliers: above fp16's 65,504
-    channels: int = 2            # outliers
-    pad: int = 6                 # masked_rows
+    token: str = "<|im_start|>"  # fp16_overflow: the token that carries the massive activation
+    magnitude: float = 1e5       # fp16_overflow: above fp16's 65,504, far below bf16's max
+    channels: int = 2            # fp16_overflow
+    mask: str = "transformers"   # masked_rows, grad_poison: summed_planes
+    pad: int = 6                 # grad_poison: extra left padding of one sample ...
+    every: int = 4               # ... every this many batches
     factor: float = 30.0         # lr_spike
-    at: int = 20                 # lr_spike
+    at: int = 8                  # lr_spike
     length: int = 3              # lr_spike
 
 
@@ -43,12 +56,16 @@ def check(spec: StressSpec) -> None:
 
 
 @torch.no_grad()
-def apply_to_model(spec: StressSpec, model, batch: dict, compute_loss: Callable) -> None:
+def apply_to_model(spec: StressSpec, model, batch: dict, compute_loss: Callable,
+                   token_id: int | None = None) -> None:
     """Weight-level stresses, calibrated on one batch so they hold whatever the init."""
     if spec.name == "logit_growth":
         _grow_logits(spec, model, batch, compute_loss)
-    elif spec.name == "outliers":
-        _massive_activations(spec, model)
+    elif spec.name == "fp16_overflow":
+        _plant_massive_activations(spec, model, batch, compute_loss, token_id)
+
+
+NEEDS_MODEL = ("logit_growth", "fp16_overflow")
 
 
 def _grow_logits(spec, model, batch, compute_loss, passes: int = 4):
@@ -76,20 +93,33 @@ def _grow_logits(spec, model, batch, compute_loss, passes: int = 4):
                         proj.bias *= scale
 
 
-def _massive_activations(spec, model):
-    """Sun et al. find massive activations act as fixed biases on a few residual channels.
-    The first MLP of each tower adds `magnitude` to `channels` of its output: in fp16 the
-    offset itself is inf (past 65,504), as an overflowing accumulation would be; in bf16 and
-    fp32 it is a large finite value. A hook, not a weight, so training cannot unlearn it."""
-    inner = model.model
-    for mlp in (inner.visual.blocks[0].mlp, inner.language_model.layers[0].mlp):
-        offset = torch.zeros(mlp.down_proj.out_features)
-        offset[: spec.channels] = spec.magnitude
-
-        def add(mod, args, out, offset=offset):
-            return out + offset.to(device=out.device, dtype=out.dtype)
-
-        mlp.register_forward_hook(add)
+def _plant_massive_activations(spec, model, batch, compute_loss, token_id: int):
+    """Sun et al.: massive activations sit on a few tokens, in a few channels, written by an
+    early MLP. One intermediate unit of the first decoder MLP is pointed at the `token`'s
+    MLP input (gate and up rows along it: silu(a s) * a s grows as s^2, so other tokens,
+    less aligned, get far less), and its down-projection column writes `magnitude` into
+    `channels` residual channels for that token. Weights stay small (finite in fp16); the
+    down projection's output is what passes fp16's max."""
+    mlp = model.model.language_model.layers[0].mlp
+    seen: list[torch.Tensor] = []
+    handle = mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    try:
+        compute_loss(batch)
+    finally:
+        handle.remove()
+    x = seen[0].float()                                  # (batch, seq, hidden)
+    at = batch["input_ids"] == token_id
+    if not at.any():
+        raise ValueError(f"stress.token={spec.token}: not in the calibration batch")
+    target = x[at].mean(0)
+    direction = target / target.norm()
+    scale = 20.0 / float((x[at] @ direction).mean())     # the token's gate input: about 20
+    unit = 0                                             # the unit we repurpose
+    mlp.gate_proj.weight[unit] = scale * direction
+    mlp.up_proj.weight[unit] = scale * direction
+    act = torch.nn.functional.silu(torch.tensor(20.0)) * 20.0
+    mlp.down_proj.weight[:, unit] = 0.0
+    mlp.down_proj.weight[: spec.channels, unit] = spec.magnitude / float(act)
 
 
 def lr_multiplier(spec: StressSpec) -> Callable[[int], float] | None:
@@ -98,17 +128,23 @@ def lr_multiplier(spec: StressSpec) -> Callable[[int], float] | None:
     return lambda step: spec.factor if spec.at <= step < spec.at + spec.length else 1.0
 
 
-def batch_transform(spec: StressSpec, pad_token_id: int) -> Callable[[dict], dict] | None:
-    if spec.name != "masked_rows":
+def batch_transform(spec: StressSpec, pad_token_id: int) -> Callable[[dict, int], dict] | None:
+    """grad_poison: on every `every`-th step, sample 0 gets `pad` pad tokens on the left and
+    the others as many on the right, so only that one sample has fully masked query rows."""
+    if spec.name != "grad_poison":
         return None
 
-    def left_pad(batch: dict) -> dict:
-        n = spec.pad
-        out = dict(batch)
+    def poison(batch: dict, step: int) -> dict:
+        if step % spec.every != spec.every - 1:
+            return batch
+        n, out = spec.pad, dict(batch)
         for key, value in (("input_ids", pad_token_id), ("attention_mask", 0),
                            ("labels", -100), ("mm_token_type_ids", 0)):
             if key in batch:
                 t = batch[key]
-                out[key] = torch.cat([t.new_full((t.shape[0], n), value), t], dim=1)
+                pads = t.new_full((t.shape[0], n), value)
+                left = torch.cat([pads[:1], t[:1]], dim=1)
+                right = torch.cat([t[1:], pads[1:]], dim=1)
+                out[key] = torch.cat([left, right], dim=0)
         return out
-    return left_pad
+    return poison

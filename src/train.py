@@ -294,14 +294,15 @@ def run(spec: RunSpec, run_dir: str | Path, extra_callbacks: list | None = None)
         processor = load_processor(spec.data.processor_spec(), spec.model.path)
         data = NanDataModule(spec.data, processor, spec.batch_size, spec.seed)
         model = build_model(spec.model, spec.seed)
-        attention.apply(model, spec.softmax)
+        attention.apply(model, spec.softmax, spec.stress.mask)
         module = NanLabModule(model, spec.optim, stress.lr_multiplier(spec.stress),
                               stress.batch_transform(spec.stress,
                                                      processor.tokenizer.pad_token_id))
-        if spec.stress.name in ("logit_growth", "outliers"):
+        if spec.stress.name in stress.NEEDS_MODEL:
             data.setup("fit")
-            calib = module.transform(next(iter(data.train_dataloader())))
-            stress.apply_to_model(spec.stress, model, calib, module.compute_loss)
+            calib = module.transform(next(iter(data.train_dataloader())), step=0)
+            stress.apply_to_model(spec.stress, model, calib, module.compute_loss,
+                                  processor.tokenizer.convert_tokens_to_ids(spec.stress.token))
         plugin, precision_callbacks = precision.build_plugin(spec.precision, device)
         record.half_gemm = getattr(plugin, "half_gemm", "native")
         guard_callbacks, guard = guards.build_guard(spec.guard, model)
@@ -363,7 +364,7 @@ def _fill_outcome(record: Record, trainer, monitor, guard) -> None:
     h = monitor.history
     finite = [x for x in h.loss if math.isfinite(x)]
     record.steps_done = trainer.global_step
-    record.initial_loss = h.loss[0] if h.loss and math.isfinite(h.loss[0]) else None
+    record.initial_loss = finite[0] if finite else None
     record.final_loss = finite[-1] if finite else None
     record.best_loss = min(finite) if finite else None
     record.max_grad_norm = monitor.max_grad_norm
@@ -373,14 +374,17 @@ def _fill_outcome(record: Record, trainer, monitor, guard) -> None:
     record.guard_fired = getattr(guard, "fired", 0)
     record.steps_per_s = round(len(h.step) / max(time.time() - monitor.started, 1e-9), 3)
     record.peak_memory_gb = round(_peak_memory_gb(), 3)
-    f = monitor.failure
+    record.empty_target_steps = monitor.empty_steps
+    f = monitor.failure or monitor.empty  # empty targets: a NaN loss, the run went on
     if f is None:
         record.status = "ok" if _trained(record) else "stalled"
         record.dtype = monitor.attn_dtype
         return
     record.status = f.status
+    record.cause, record.cause_detail, record.cause_value = f.cause, f.cause_detail, f.cause_value
+    record.nonfinite_grad_frac, record.nonfinite_param_frac = f.grad_frac, f.param_frac
     record.first_bad_step = f.step
-    if f.status == "nonfinite":
+    if f.status == "nonfinite" and f is monitor.failure:
         record.steps_done = f.step  # steps 0..k-1 finished finite; step k broke
     record.phase, record.module, record.dtype = f.phase, f.module, f.dtype
     record.replay_agrees = f.replay_agrees
