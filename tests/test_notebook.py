@@ -1,7 +1,7 @@
-"""notebooks/nan_map.ipynb runs top to bottom on synthetic results (nbclient, venv kernel)."""
+"""notebooks/nan_map.ipynb runs top to bottom on a constructed map's results.parquet
+(tests/test_report_builders.py's demo map; nbclient, venv kernel)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -9,20 +9,12 @@ from pathlib import Path
 import nbformat
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from nbclient import NotebookClient
+from test_report_builders import demo_map
 
 from src import report
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "nan_map.ipynb"
-
-
-def _make_records():
-    """The synthetic grid of tests/test_report.py, loaded by path (tests is no package)."""
-    spec = importlib.util.spec_from_file_location("_nanlab_test_report",
-                                                  Path(__file__).with_name("test_report.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.make_records
 
 
 def _kernel_name(tmp_path: Path, monkeypatch) -> str:
@@ -57,28 +49,29 @@ def _outputs(nb, output_type=None):
             if output_type is None or o.output_type == output_type]
 
 
-def test_notebook_runs_on_synthetic_results(tmp_path, monkeypatch):
-    runs = tmp_path / "runs"
-    _make_records()(runs, history=True)
-    df = report.collect(runs)
+def test_notebook_runs_on_the_results_table(tmp_path, monkeypatch):
+    demo_map(tmp_path / "runs", history=True)
+    df = report.collect(tmp_path / "runs")
     report.write_results(df, tmp_path / "out")
     monkeypatch.setenv("NANLAB_RESULTS", str(tmp_path / "out" / "results.parquet"))
     nb = _run(NOTEBOOK, _kernel_name(tmp_path, monkeypatch))
 
     assert not _outputs(nb, "error")
     text = "".join(o.get("text", "") for o in _outputs(nb, "stream"))
-    assert f"{len(df)} runs" in text
+    assert f"{len(df)} runs" in text and "3 mechanisms" in text
     images = [o for o in _outputs(nb) if "image/png" in o.get("data", {})]
-    assert len(images) >= 2, "expected the map and the loss curves"
+    assert len(images) >= 4, "expected the matrix, the frontier, the map and the loss curves"
     html = "".join(o.get("data", {}).get("text/html", "") for o in _outputs(nb))
-    assert "naive -&gt; stable" in html or "naive -> stable" in html
+    assert "refutes" in html and "masked_rows" in html     # the verdicts table
+    md = "".join(o.get("data", {}).get("text/markdown", "") for o in _outputs(nb))
+    assert "delays logit_growth" in md and "88.72" in md
 
 
 def test_notebook_without_histories(tmp_path, monkeypatch):
-    runs = tmp_path / "runs"
-    _make_records()(runs, history=False)
-    report.write_results(report.collect(runs), tmp_path / "out")
+    demo_map(tmp_path / "runs", history=False)
+    report.write_results(report.collect(tmp_path / "runs"), tmp_path / "out")
     monkeypatch.setenv("NANLAB_RESULTS", str(tmp_path / "out" / "results.csv"))
     nb = _run(NOTEBOOK, _kernel_name(tmp_path, monkeypatch))
+    assert not _outputs(nb, "error")
     text = "".join(o.get("text", "") for o in _outputs(nb, "stream"))
     assert "nothing to plot" in text
