@@ -22,6 +22,8 @@ EFFECT_COLORS = {
 }
 EFFECT_SHORT = {"fixes": "fixes", "delays": "delays", "no_effect": "no effect",
                 "worsens": "worsens", "stalls": "stalls", "mixed": "mixed"}
+PRECISION_COLORS = {"fp32": "#1f77b4", "bf16": "#d62728", "bf16_true": "#ff7f0e",
+                    "fp16": "#9467bd", "progressive": "#2ca02c"}
 STATE_COLORS = {"ok": "#1a9850", "stalls": "#9e9ac8", "mixed": "#fdae61",
                 "nonfinite": "#b2182b", "diverged": "#f46d43", "none": "#ffffff"}
 
@@ -198,15 +200,19 @@ def draw_frontier(lines: list[Line], path: str | os.PathLike):
 
     fig = _figure(8.5, 4.6)
     ax = fig.add_axes((0.08, 0.13, 0.58, 0.76))
-    cmap = colormaps["tab10"] if len(lines) <= 10 else colormaps["tab20"]
+    cmap = colormaps["tab10"]
+    precisions = list(dict.fromkeys(ln.precision for ln in lines))
+    colors = {p: PRECISION_COLORS.get(p, cmap(i % 10)) for i, p in enumerate(precisions)}
     styles = {"naive": "-", "stable": "--", "sdpa": ":", "eager": "-.", "safe": (0, (5, 1))}
+    markers = {"naive": "o", "stable": "s", "sdpa": "^", "eager": "D", "safe": "v"}
     jitter = {ln.label: (i - (len(lines) - 1) / 2) * 0.008 for i, ln in enumerate(lines)}
     for i, ln in enumerate(lines):
         xs = [x for x, c in ln.points]
         ys = [c.n_ok / c.n_seeds + jitter[ln.label] for _, c in ln.points]
-        color = cmap(i % cmap.N)
-        ax.plot(xs, ys, linestyle=styles.get(ln.softmax, "-"), marker="o", ms=4, lw=1.6,
-                color=color, label=ln.label)
+        color = colors[ln.precision]
+        ax.plot(xs, ys, linestyle=styles.get(ln.softmax, "-"), marker=markers.get(ln.softmax,
+                                                                                  "o"),
+                ms=4, lw=1.6, color=color, label=ln.label)
         for x, c in ln.points:
             if c.n_failed:
                 ax.plot([x], [c.n_ok / c.n_seeds + jitter[ln.label]], marker="x", ms=9,

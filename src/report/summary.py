@@ -13,10 +13,9 @@ import pandas as pd
 from .advice import ADVICE, advice, ordered, range_facts
 from .cells import Cell
 from .match import equal_except
-from .verdicts import Mechanism, Pair
+from .verdicts import COUNTS, Mechanism, Pair
 
-BUCKETS = ("fixes", "delays", "worsens", "out of scope for", "refuted on", "disagrees on",
-           "not counted")
+BUCKETS = ("fixes", "delays", "worsens", "out of scope for", "refuted on", "disagrees on")
 
 
 @dataclass
@@ -27,15 +26,33 @@ class AdviceLine:
     note: str
     seed: bool
     buckets: dict[str, list[str]] = field(default_factory=dict)
+    not_counted: dict[str, list[str]] = field(default_factory=dict)   # reason -> where
     evidence: str = ""            # monitor: the causes the monitor named
 
     @property
     def line(self) -> str:
-        parts = [f"{b} {'; '.join(v) if b == 'not counted' else ', '.join(v)}"
-                 for b in BUCKETS if (v := self.buckets.get(b))]
+        parts = [f"{b} {', '.join(v)}" for b in BUCKETS if (v := self.buckets.get(b))]
+        if self.not_counted:
+            parts.append("not counted: " + "; ".join(f"{', '.join(v)} ({why})" for why, v
+                                                     in self.not_counted.items()))
         if self.evidence:
             parts.insert(0, self.evidence)
         return "; ".join(parts) if parts else "not tested by the map"
+
+
+def _why_not(p: Pair, m: Mechanism) -> tuple[str, str]:
+    """(reason, where) for a pair that does not count; mechanism-wide reasons are short
+    (the mechanism's section has the numbers)."""
+    if m.base_status != COUNTS:
+        for head in ("baseline did not fail", "too few seeds", "baseline not run"):
+            if m.base_status.startswith(head):
+                return {"baseline did not fail": "baseline did not fail with its cause",
+                        "too few seeds": "too few seeds in the baseline"}.get(head,
+                                                                              head), m.label
+        return m.base_status, m.label
+    if p.status.startswith("positive control failed"):
+        return "positive control failed", m.label
+    return p.status, f"{m.label} [{p.arm}]"
 
 
 def _numbers(p: Pair, m: Mechanism) -> str:
@@ -78,7 +95,10 @@ def advice_lines(mechs: list[Mechanism], cells: list[Cell]) -> list[AdviceLine]:
                 text = (f"{m.label} ({p.arm}: predicted {p.predicted}, measured "
                         f"{p.measured}: {p.detail})")
             elif b == "not counted":
-                text = f"{m.label} ({p.arm}: {p.status})"
+                why, where = _why_not(p, m)
+                if where not in line.not_counted.setdefault(why, []):
+                    line.not_counted[why].append(where)
+                continue
             line.buckets.setdefault(b, []).append(text)
         if id_ == "monitor":
             line.evidence = monitor_evidence(cells)
