@@ -107,7 +107,8 @@ class Cell:
                                                 (self.n_nonfinite, "non-finite"),
                                                 (self.n_diverged, "diverged")) if k]
         if len(parts) == 1:
-            text = f"{parts[0].split(' ', 1)[0]}/{n} {parts[0].split(' ', 1)[1]}"
+            k, name = parts[0].split(" ", 1)
+            text = f"{k}/{n} {name}"
         else:
             text = ", ".join(parts) + f" of {n}" if parts else "no finished seed"
         extra = [f"{k} {name}" for k, name in ((self.n_error, "error"),

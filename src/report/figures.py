@@ -109,7 +109,8 @@ def draw_matrix(mechs: list[Mechanism], path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     cols = arms(mechs)
     if not mechs or not cols:
-        return _empty(path, "no mechanism runs (stress=...) in these records")
+        return _empty(path, "no mechanism predictions in these records\n"
+                             "(config['stress'] carries none)")
     cw, rh = 0.98, 0.62
     left, right, top, bottom = 2.55, 0.25, 1.05, 1.3
     w = left + cw * len(cols) + right
