@@ -48,6 +48,7 @@ def sbatch_script(tmp_path, monkeypatch, *overrides: str) -> str:
     monkeypatch.setattr(slurm.SlurmExecutor, "affinity", staticmethod(lambda: 2))
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert params.pop("_target_") == "hydra_plugins.nanlab.slurm_launcher.SlurmLauncher"
+    assert params["submitit_folder"] == f"{tmp_path}/.submitit/%j"
     executor = submitit.AutoExecutor(folder=params.pop("submitit_folder"), cluster="slurm",
                                      slurm_max_num_timeout=params.pop("max_num_timeout"))
     base = set(OmegaConf.structured(BaseQueueConf).keys())

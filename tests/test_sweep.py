@@ -64,36 +64,7 @@ def records(root: Path) -> dict[str, object]:
 # --- launchers --------------------------------------------------------------------------
 
 
-def test_slurm_launcher_composes_into_sbatch_flags(tmp_path, monkeypatch):
-    cfg = hydra_cfg("hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                    "hydra.launcher.gpus_per_node=2", "hydra.launcher.timeout_min=90",
-                    "hydra.launcher.array_parallelism=3", "hydra.launcher.mem_gb=16",
-                    f"hydra.sweep.dir={tmp_path}")
-    launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("SlurmLauncher")
-    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 2, 90)
-    assert launcher.array_parallelism == 3 and launcher.cpus_per_task == 8
-    assert launcher.additional_parameters.requeue is True
-    assert launcher.submitit_folder == f"{tmp_path}/.submitit/%j"
-
-    # The parameters the Hydra launcher hands to submitit, rendered into the sbatch script
-    # the way SlurmLauncher.launch does (no SLURM here: the srun probe is patched).
-    import submitit
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-    from submitit.slurm import slurm
-
-    monkeypatch.setattr(slurm.SlurmExecutor, "affinity", staticmethod(lambda: 2))
-    params = OmegaConf.to_container(launcher, resolve=True)
-    params.pop("_target_")
-    executor = submitit.AutoExecutor(folder=params.pop("submitit_folder"), cluster="slurm",
-                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
-    base = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
-    script = slurm._make_sbatch_string(command="python -m x", folder=tmp_path, map_count=5,
-                                       **executor._executor.parameters)
-    for flag in ("--partition=gpu", "--gpus-per-node=2", "--time=90", "--mem=16GB",
-                 "--cpus-per-task=8", "--requeue", "--array=0-4%3", "--signal=USR2@120"):
-        assert f"#SBATCH {flag}\n" in script, (flag, script)
+# the SLURM launcher configs' sbatch flags: tests/test_slurm.py
 
 
 @pytest.mark.parametrize("launcher,target", [
@@ -189,7 +160,8 @@ def test_progress_callback_counts_across_processes(tmp_path, capsys):
     worker.on_job_end(_as_job(cfg, 3, tmp_path), _job_return(None, failed=True))
     out = capsys.readouterr().out
     assert "sweep 4/8 (50%)" in out
-    assert re.search(r"ok 1 · nonfinite 1 · diverged 0 · error 1 · skipped 1", out), out
+    assert re.search(r"ok 1 · stalled 0 · nonfinite 1 · diverged 0 · interrupted 0 · error 1 · "
+                     r"skipped 1", out), out
 
     cb.on_multirun_end(cfg)      # the submitting process sees the workers' cells too
     out = capsys.readouterr().out
