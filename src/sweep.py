@@ -55,20 +55,27 @@ _ACTIVE: list[SweepProgress] = []       # this process's sweep callback (the sub
 
 def grid_size(config: Any) -> int | None:
     """How many cells the sweep has: `hydra.sweeper.params` x the command line's sweeps,
-    exactly as Hydra's BasicSweeper expands them. None for other sweepers (unless they
-    say `n_trials`) or when the overrides cannot be parsed here."""
+    exactly as the configured sweeper expands them (Hydra's BasicSweeper or a subclass, such
+    as the map's mechanism sweeper). None for other sweepers (unless they say `n_trials`) or
+    when the overrides cannot be parsed here."""
     try:
         sweeper = config.hydra.sweeper
-        if "BasicSweeper" not in str(sweeper.get("_target_", "")):
-            n = sweeper.get("n_trials")
-            return int(n) if n else None
+        if sweeper.get("n_trials"):
+            return int(sweeper.get("n_trials"))
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
         from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.utils import get_class
+        from omegaconf import OmegaConf
 
+        cls = get_class(str(sweeper.get("_target_", "")))
+        if not issubclass(cls, BasicSweeper):
+            return None
+        kwargs = OmegaConf.to_container(sweeper, resolve=True)
+        kwargs.pop("_target_", None)
         params = sweeper.get("params") or {}
         args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
         overrides = OverridesParser.create().parse_overrides(args)
-        return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
+        return sum(len(batch) for batch in cls(**kwargs).split_arguments(overrides, None))
     except Exception:  # noqa: BLE001 - a display, never a reason to stop
         return None
 
