@@ -206,6 +206,21 @@ def scontrol(env: dict, *args: str) -> None:
     subprocess.run(["scontrol", *args], env=env, check=True, capture_output=True, timeout=30)
 
 
+WARM: list[bool] = []      # a run in this session has built the caches (tokenizer, tiny base)
+
+
+def warm_caches(env: dict, tmp_path: Path) -> None:
+    """Build the caches once before a sweep whose cells have only a minute: a cold tiny base
+    takes longer than that to build (the cells would wait for it on its file lock)."""
+    if not WARM:
+        proc = subprocess.run([sys.executable, "-m", "src.train", "experiment=nan_map_smoke",
+                               "max_steps=1", "logger=none", f"hydra.run.dir={tmp_path}/warm"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+                              check=False)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        WARM.append(True)
+
+
 @pytest.mark.slow
 def test_smoke_grid_through_slurm_matches_the_local_launcher(slurm, tmp_path):
     cells = ["precision=bf16"]         # 4 of the smoke grid's 8 cells: softmax x lr
@@ -219,6 +234,7 @@ def test_smoke_grid_through_slurm_matches_the_local_launcher(slurm, tmp_path):
     finally:
         local.kill()
     assert local.returncode == 0, here_output[-3000:]
+    WARM.append(True)
 
     on_slurm, here = records(tmp_path / "slurm"), records(tmp_path / "local")
     assert sorted(on_slurm) == ["0", "1", "2", "3"], "one record per cell"
@@ -248,6 +264,7 @@ PREEMPTION = [*QUIET, "max_steps=4,40,100000", "hydra.launcher.timeout_min=1"]
 @pytest.fixture(scope="module")
 def preempted(slurm, tmp_path_factory) -> tuple[Path, str, dict[str, dict]]:
     out = tmp_path_factory.mktemp("preemption") / "sweep"
+    warm_caches(slurm, out.parent)
     sweep = Sweep(slurm, out, *PREEMPTION)
     try:
         task = sweep.task(1)
