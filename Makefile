@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 # into $(SWEEP_DIR)/<block>; the report reads them all.
 EXPERIMENT ?= nan_map
 SWEEP_DIR  ?= outputs/sweeps/$(EXPERIMENT)
-BLOCKS     ?= $(if $(filter nan_map,$(EXPERIMENT)),nan_map nan_map_mitigations nan_map_guards nan_map_stress nan_map_data,$(EXPERIMENT))
+BLOCKS     ?= $(EXPERIMENT)
 # two cells side by side, one torch thread each: 2x the throughput of one 2-thread cell here
 LOCAL_LAUNCHER ?= hydra/launcher=joblib hydra.launcher.n_jobs=2
 # make sweep: conf/hydra/launcher/$(SLURM_LAUNCHER).yaml; slurm_local for the one-node

@@ -325,15 +325,10 @@ class NanMonitor(Callback):
             self._skips_in_row = 0
             return
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None:
-            # fp16: the loss scaler skips this step and lowers its scale: its job, not a
-            # failure, unless it keeps skipping.
-            self.scaler_skips += 1
-            self._skips_in_row += 1
-            if self._skips_in_row >= self.spec.max_skipped_in_row:
-                self._fail(trainer, pl_module, "backward")
-            return
-        if self.tolerate_grads:
+        if scaler is not None or self.tolerate_grads:
+            # fp16: the loss scaler skips this step and lowers its scale; guard=skip_step
+            # skips it: their job, not a failure, unless it keeps happening
+            self.scaler_skips += scaler is not None
             self._skipped(trainer, pl_module, self._phase or "backward")
             return
         self._fail(trainer, pl_module, "backward")
@@ -348,7 +343,9 @@ class NanMonitor(Callback):
         if self._skips_in_row == 0:
             self._streak = (trainer.global_step, phase, self._snapshot)
         self._skips_in_row += 1
-        last = trainer.global_step + 1 >= (trainer.max_steps or 0)
+        # a streak still running at the last step counts too, but one skipped step at the
+        # end is just one skipped step
+        last = trainer.global_step + 1 >= (trainer.max_steps or 0) and self._skips_in_row > 1
         if self._skips_in_row >= self.spec.max_skipped_in_row or last:
             step, phase, snapshot = self._streak
             self._fail(trainer, pl_module, phase, step=step, snapshot=snapshot)

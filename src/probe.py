@@ -8,7 +8,7 @@ which setting makes them finite.
 
 `checkpoint` is a directory written by `save.hf=true` (a run dir, or its `hf/`) or any
 `save_pretrained` Qwen2.5-VL directory. The test split is collated as inference would see
-it (`batch_size`, `data.padding_side`, `stress=masked_rows` adds left padding), then:
+it (`batch_size`, `data.padding_side`, `stress=masked_rows` builds summed-plane masks), then:
 
 1. one batched teacher-forced forward, as a user runs it: per row, whether its logits or
    text hidden states came out non-finite (`batch_nonfinite`);
@@ -295,18 +295,20 @@ def probe(spec: ProbeSpec, out_dir: str | Path | None = None, quiet: bool = Fals
     torch.manual_seed(spec.seed)
     processor = load_processor(spec.data.processor_spec(), str(path))
     model = build_model(ModelSpec(path=str(path)), spec.seed).eval()
-    attention.apply(model, spec.softmax)
-    collate = Collator(processor, spec.data.padding_side)
+    attention.apply(model, spec.softmax, spec.stress.mask)
+    collate = Collator(processor, spec.data.padding_side, spec.data.max_length,
+                       spec.data.pixel_max)
     transform = stress.batch_transform(spec.stress, processor.tokenizer.pad_token_id)
     samples = load_samples(spec)
     batches = []
     for start in range(0, len(samples), spec.batch_size):
         batch = collate(samples[start:start + spec.batch_size])
-        batches.append(transform(batch) if transform else batch)
-    if spec.stress.name in ("logit_growth", "outliers"):
+        batches.append(transform(batch, len(batches)) if transform else batch)
+    if spec.stress.name in stress.NEEDS_MODEL:
         with torch.no_grad():  # calibrated in fp32 on the first batch, as training does
             stress.apply_to_model(spec.stress, model, batches[0],
-                                  NanLabModule(model, OptimSpec()).compute_loss)
+                                  NanLabModule(model, OptimSpec()).compute_loss,
+                                  processor.tokenizer.convert_tokens_to_ids(spec.stress.token))
     plugin, _ = precision.build_plugin(spec.precision, device)
     if isinstance(plugin, precision.ProgressiveMixed):
         plugin.active = True  # a fine-tuned checkpoint is past the fp32 warm-up

@@ -57,7 +57,11 @@ def test_shapes_splits_disjoint_and_well_formed():
     assert s["messages"][0]["content"][0] == {"type": "image"}
     answers = {m["messages"][1]["content"][0]["text"] for m in splits["train"]}
     assert {"circle", "red", "top left"} <= answers
-    assert any(a.startswith("A small ") and a.endswith(".") for a in answers)
+    # captions are the base's task, not the fine-tuning one
+    assert not any(a.startswith("A ") and a.endswith(".") for a in answers)
+    captions = shapes_splits(DataSpec(num_train=8, num_val=0, num_test=0, tasks=["caption"]), 0)
+    assert all(s["messages"][1]["content"][0]["text"].startswith("A ")
+               for s in captions["train"])
 
 
 def test_shapes_too_many_requested():

@@ -9,7 +9,9 @@ from helpers import FAST, cli
 from src.monitor import MonitorSpec, NanMonitor, _hooked_backward, first_nonfinite_forward
 from src.record import read_record
 
-NAN_RUN = ["softmax=naive", "lr=0.3", "precision=fp32", "max_steps=12", "monitor.every=4"]
+# random init (model.init=random): the monitor's machinery on a known case
+NAN_RUN = ["model.init=random", "softmax=naive", "lr=0.3", "precision=fp32", "max_steps=12",
+           "monitor.every=4"]
 
 
 class Sqrt(torch.nn.Module):
@@ -65,6 +67,8 @@ def test_forced_nan_run_exits_0_with_verdict_record_and_same_replay(tmp_path):
     assert rec.status == "nonfinite" and rec.phase == "forward"
     assert rec.module == "model.visual.blocks.0.attn" and rec.dtype == "float32"
     assert rec.replay_agrees is True
+    assert rec.cause == "exp_overflow" and rec.cause_value > 88.72  # ln(max float32)
+    assert rec.max_attn_logit >= rec.cause_value  # the failing step's logits are counted
     assert rec.first_bad_step is not None and 0 < rec.first_bad_step < 12
     assert rec.steps_done == rec.first_bad_step  # stopped cleanly at the failing step
     assert (tmp_path / "a" / "failing_batch.pt").exists()

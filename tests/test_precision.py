@@ -22,7 +22,7 @@ def test_attention_runs_in_the_configured_dtype(name, dtype, tmp_path):
     """A real Trainer run: the dtype the attention probabilities were computed in."""
     s = spec(f"precision={name}", "softmax=stable", "precision.switch_step=1")
     record = run(s, tmp_path)
-    assert record.status == "ok", record.error
+    assert record.status in ("ok", "stalled"), record.error  # finite: 3 steps may not train
     assert record.steps_done == 3
     assert record.dtype == dtype  # the last statistics step is after the progressive switch
 

@@ -1,0 +1,65 @@
+"""The map's sweeper: the mechanisms' cells from their YAMLs, plus an ordinary grid.
+
+Hydra's basic sweeper takes products of axes; the map is a union: for each mechanism
+(conf/stress/<name>.yaml) its baseline and one cell per prediction (the baseline with the
+mitigation's overrides), times the seeds; plus the `params` grid (the core of the
+stable-lr frontier), as the basic sweeper expands it. Every cell is an ordinary job of the
+same entry point through whatever launcher is configured (joblib, submitit, SLURM), so the
+records and the report do not know which sweeper made them. Hydra plugins must live under
+`hydra_plugins`; this one only reads YAML (no torch).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+log = logging.getLogger(__name__)
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def mechanism_cells(mechanisms=None, seeds=(0, 1, 2), conf: Path = CONF) -> list[list[str]]:
+    """For each mechanism: [stress=M, *baseline] and [stress=M, *baseline + mitigation] per
+    prediction, each seed. A mitigation's override replaces the baseline's for that key."""
+    names = sorted(p.stem for p in (conf / "stress").glob("*.yaml") if p.stem != "none")
+    chosen = names if not mechanisms or mechanisms == "all" else list(mechanisms)
+    unknown = sorted(set(chosen) - set(names))
+    if unknown:
+        raise ValueError(f"hydra.sweeper.mechanisms={unknown[0]}: allowed {', '.join(names)}")
+    cells = []
+    for name in chosen:
+        spec = yaml.safe_load((conf / "stress" / f"{name}.yaml").read_text())
+        arms = [[]] + [list(p["mitigation"]) for p in spec.get("predictions") or []]
+        for arm in arms:
+            merged = _merge([f"stress={name}", *spec.get("baseline", [])], arm)
+            cells += [[*merged, f"seed={s}"] for s in seeds]
+    return cells
+
+
+def _merge(base: list[str], extra: list[str]) -> list[str]:
+    """Overrides with later keys replacing earlier ones (Hydra refuses duplicate keys)."""
+    out: dict[str, str] = {}
+    for o in [*base, *extra]:
+        out[o.split("=", 1)[0]] = o
+    return list(out.values())
+
+
+class MechanismSweeper(BasicSweeper):
+    def __init__(self, max_batch_size=None, params=None, mechanisms=None, seeds=(0, 1, 2)):
+        super().__init__(max_batch_size=max_batch_size, params=params)
+        self.mechanisms = mechanisms
+        self.seeds = list(seeds)
+
+    def split_arguments(self, overrides, max_batch_size):  # noqa: D102 - BasicSweeper's
+        grid = [] if not self.params else [
+            job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+        # command-line values that are not sweeps apply to the mechanism cells too
+        fixed = [o.input_line for o in overrides if not o.is_sweep_override()
+                 and o.input_line is not None]
+        cells = [_merge(fixed, cell) for cell in mechanism_cells(self.mechanisms, self.seeds)]
+        jobs = grid + cells
+        log.info(f"map: {len(grid)} grid cells + {len(cells)} mechanism cells")
+        size = max_batch_size or len(jobs)
+        return [jobs[i:i + size] for i in range(0, len(jobs), size)]
