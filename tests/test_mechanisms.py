@@ -22,6 +22,7 @@ from src.train import compose_spec, find_done, run
 STRESS = ROOT / "conf" / "stress"
 MECHANISMS = sorted(p.stem for p in STRESS.glob("*.yaml") if p.stem != "none")
 MAP = ["experiment=nan_map_base", "logger=none"]
+CSV = ["experiment=nan_map_base", "logger=csv"]  # its log dir tells that training started
 
 
 def mechanism(name: str) -> dict:
@@ -39,7 +40,8 @@ def test_every_mechanism_yaml_is_complete():
         m = mechanism(name)
         for key in ("mechanism", "reference", "cause", "baseline", "predictions"):
             assert m.get(key), (name, key)
-        assert m["cause"] in CAUSES, (name, m["cause"])
+        declared = m["cause"] if isinstance(m["cause"], list) else [m["cause"]]
+        assert set(declared) <= set(CAUSES), (name, m["cause"])
         assert any(p["effect"] == "fixes" for p in m["predictions"]), name
         for p in m["predictions"]:
             assert p["effect"] in ("fixes", "delays", "no_effect", "worsens"), (name, p)
@@ -57,7 +59,8 @@ def test_baseline_fails_with_its_cause_and_a_predicted_fix_fixes_it(name, tmp_pa
     m = mechanism(name)
     base = run(compose_spec(*MAP, f"stress={name}", *m["baseline"]), tmp_path / "baseline")
     assert base.status in ("nonfinite", "diverged"), base.verdict()
-    assert base.cause == m["cause"], base.verdict()
+    assert base.cause in (m["cause"] if isinstance(m["cause"], list) else [m["cause"]]), \
+        base.verdict()
     fix = next(p for p in m["predictions"] if p["effect"] == "fixes")
     fixed = run(compose_spec(*MAP, f"stress={name}", *merged(m["baseline"], fix["mitigation"])),
                 tmp_path / "fixed")
@@ -120,14 +123,14 @@ def test_cells_share_identity_across_seeds_only():
 
 def test_sigterm_records_interrupted_and_a_rerun_redoes_it(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "src.train", *MAP, "max_steps=500",
+    proc = subprocess.Popen([sys.executable, "-m", "src.train", *CSV, "max_steps=500",
                              f"hydra.run.dir={tmp_path}"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(Path(tmp_path).glob("csv*")) \
+    while time.time() < deadline and not (Path(tmp_path) / "csv").exists() \
             and not (Path(tmp_path) / "record.json").exists():
         time.sleep(0.5)  # training has started once the logger dir exists
-    time.sleep(2)
+    time.sleep(1)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     rec = read_record(tmp_path / "record.json")

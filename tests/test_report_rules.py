@@ -412,3 +412,18 @@ def test_baseline_two_thirds_with_more_seeds(tmp_path, k, n, counts):
     seeds(tmp_path, cfg(spec), failing(k, 10, CAUSE) + ok(n - k))
     seeds(tmp_path, cfg(spec, "softmax=stable"), ok(3))
     assert the(analyze(tmp_path), "toy").counts is counts
+
+
+def test_a_mechanism_may_declare_several_causes(tmp_path):
+    """logit_growth fails at either end of exp()'s range: both causes count for it, no other."""
+    spec = mech("toy", ["exp_overflow", "exp_underflow"], BASELINE, [
+        pred("max_subtracted_softmax", ["softmax=stable"], "fixes")])
+    seeds(tmp_path, cfg(spec), failing(1, 10, "exp_overflow") + failing(1, 10, "exp_underflow")
+          + failing(1, 10, "masked_row"))
+    seeds(tmp_path, cfg(spec, "softmax=stable"), ok(3))
+    assert the(analyze(tmp_path), "toy").counts is True  # 2 of 3 with a declared cause
+    other = tmp_path / "other"
+    seeds(other, cfg(spec), failing(1, 10, "exp_overflow") + failing(2, 10, "masked_row"))
+    seeds(other, cfg(spec, "softmax=stable"), ok(3))
+    m = the(analyze(other), "toy")
+    assert m.status == "baseline did not fail with exp_overflow or exp_underflow (1/3 seeds)"

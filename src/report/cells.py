@@ -76,7 +76,9 @@ class Cell:
         return self.n_ok + self.n_stalled
 
     def n_failed_with(self, cause: str | None) -> int:
-        return self.causes.get(str(cause), 0) if cause else self.n_failed
+        if not cause:
+            return self.n_failed
+        return sum(self.causes.get(c, 0) for c in str(cause).split(" or "))
 
     @property
     def enough_seeds(self) -> bool:

@@ -182,7 +182,10 @@ def mechanisms(cells: list[Cell]) -> list[Mechanism]:
         baseline = [str(o) for o in spec.get("baseline") or []]
         bases = baseline_cells(group, baseline, _predictions(spec)) if spec else []
         for base in bases or [None]:
-            m = Mechanism(name=name, cause=str(spec.get("cause") or ""), baseline=baseline,
+            cause = spec.get("cause") or ""
+            # a mechanism may fail one of several ways: [exp_overflow, exp_underflow]
+            cause = " or ".join(cause) if isinstance(cause, list) else str(cause)
+            m = Mechanism(name=name, cause=cause, baseline=baseline,
                           text=str(spec.get("mechanism") or ""),
                           reference=str(spec.get("reference") or ""), base=base)
             if base is not None and len(bases) > 1:
