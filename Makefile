@@ -41,7 +41,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests hydra_plugins experiments
 
 bench: $(STAMP)  ## monitor cost and half-precision matmul modes, as ratios measured side by side
 	$(PY) -m experiments.bench $(ARGS)

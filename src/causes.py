@@ -45,24 +45,26 @@ def attention_cause(query, key, mask, scaling, weights, out, num_groups: int, sa
                 b = int((bad_rows & full).nonzero()[0, 0])
                 who = sample_ids[b] if sample_ids is not None and b < len(sample_ids) else b
                 n = int(full[b].any(0).sum())
-                return ("masked_row", f"{n} query rows of sample {who} have every key masked "
-                        f"(mask {_name(mask.dtype)}, min {float(mask.min()):.3g})", float(n))
+                detail = (f"{n} query rows of sample {who} have every key masked "
+                          f"(mask {_name(mask.dtype)}, min {float(mask.min()):.3g})")
+                return ("masked_row", detail, float(n))
             logits = logits.masked_fill(masked[..., : logits.shape[-1]], float("-inf"))
         finite = logits[torch.isfinite(logits)]
         top = float(finite.max()) if finite.numel() else math.nan
         dtype = attention.compute_dtype(query)
         if top > ln_max(dtype):
-            return ("exp_overflow", f"softmax input {top:.1f} > ln(max {_name(dtype)}) "
-                    f"{ln_max(dtype):.2f}", top)
+            detail = f"softmax input {top:.1f} > ln(max {_name(dtype)}) {ln_max(dtype):.2f}"
+            return ("exp_overflow", detail, top)
         # the other side of exp/sum without max subtraction: a row whose every exp()
         # underflows to 0 gives 0/0
         row_max = logits.amax(-1)
         row_max = row_max[torch.isfinite(row_max)]
         low = ln_min(dtype)
         if row_max.numel() and float(row_max.min()) < low:
-            return ("exp_underflow", f"a softmax row's largest input {float(row_max.min()):.1f}"
-                    f" < ln(smallest {_name(dtype)}) {low:.1f}: every exp() is 0, 0/0",
-                    float(row_max.min()))
+            lowest = float(row_max.min())
+            detail = (f"a softmax row's largest input {lowest:.1f} < ln(smallest "
+                      f"{_name(dtype)}) {low:.1f}: every exp() is 0, 0/0")
+            return ("exp_underflow", detail, lowest)
     return None
 
 
@@ -78,8 +80,9 @@ def module_cause(inputs, output, dtype: torch.dtype):
     if any(not torch.isfinite(t).all() for t in ins):
         return None
     big = max((float(t.abs().max()) for t in ins if t.numel()), default=math.nan)
-    return ("half_overflow", f"output past max {_name(dtype)} {torch.finfo(dtype).max:.6g} "
-            f"(inf) from finite inputs (largest |input| {big:.4g})", big)
+    detail = (f"output past max {_name(dtype)} {torch.finfo(dtype).max:.6g} (inf) from "
+              f"finite inputs (largest |input| {big:.4g})")
+    return ("half_overflow", detail, big)
 
 
 def input_cause(batch: dict):

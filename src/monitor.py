@@ -375,8 +375,7 @@ class NanMonitor(Callback):
                 self.failure = Failure("nonfinite", step, "optimizer",
                                        name.removeprefix("model.").rsplit(".", 1)[0],
                                        str(params[i].dtype).replace("torch.", ""))
-                self.failure.explain(("optimizer_poison", "finite gradients, non-finite "
-                                      "parameters after the optimizer step", None))
+                self.failure.explain(("optimizer_poison", _POISON, None))
                 self.failure.param_frac = _nonfinite_fraction(params)
                 trainer.should_stop = True
                 return
@@ -392,10 +391,9 @@ class NanMonitor(Callback):
             self._above += 1
             if self._above >= self.spec.patience:
                 self.failure = Failure("diverged", step - self.spec.patience + 1)
-                self.failure.explain(("divergence", f"loss {loss:.3g} > "
-                                      f"{self.spec.diverge_factor:g} x its minimum "
-                                      f"{self._min_loss:.3g} for {self.spec.patience} steps",
-                                      loss / self._min_loss))
+                detail = (f"loss {loss:.3g} > {self.spec.diverge_factor:g} x its minimum "
+                          f"{self._min_loss:.3g} for {self.spec.patience} steps")
+                self.failure.explain(("divergence", detail, loss / self._min_loss))
                 trainer.should_stop = True
         else:
             self._above = 0
@@ -463,6 +461,9 @@ class NanMonitor(Callback):
                 plugin.active = was_active
             for p, g in saved.items():
                 p.grad = g
+
+
+_POISON = "finite gradients, non-finite parameters after the optimizer step"
 
 
 def _nonfinite_fraction(params) -> float:

@@ -231,7 +231,7 @@ def base_record(spec: RunSpec, run_dir: Path) -> Record:
         lr_x=spec.optim.lr / spec.model.ref_lr if spec.model.ref_lr else None,
         train_margin=spec.monitor.train_margin,
         switch_step=spec.precision.switch_step if spec.precision.name == "progressive" else None,
-        attempt=int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0) + 1,
+        attempt=int(os.environ.get("SLURM_RESTART_COUNT") or 0) + 1,
         overrides=spec.overrides, run_dir=str(run_dir), torch_version=torch.__version__,
         transformers_version=transformers.__version__,
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name(),

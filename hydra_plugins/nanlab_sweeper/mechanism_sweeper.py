@@ -52,7 +52,7 @@ class MechanismSweeper(BasicSweeper):
         self.mechanisms = mechanisms
         self.seeds = list(seeds)
 
-    def split_arguments(self, overrides, max_batch_size):  # noqa: D102 - BasicSweeper's
+    def split_arguments(self, overrides, max_batch_size):
         grid = [] if not self.params else [
             job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
         # command-line values that are not sweeps apply to the mechanism cells too
