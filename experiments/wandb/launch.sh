@@ -14,8 +14,10 @@
 #     --project P       W&B project (default: the sweep file's `project`, else nanlab)
 #     --entity E        W&B entity (default: your default entity)
 #     --dry-run         print what would be run, run nothing
-# Every agent run calls `python -m src.train <sweep params as Hydra overrides> ...` (see the
-# sweep file's `command`) and writes outputs/wandb_sweeps/<sweep id>/<run id>/record.json.
+# Every agent run calls `python -m experiments.wandb.run_cell cell="<overrides>" ...` (the
+# sweep file's `command`), which runs `python -m src.train experiment=nan_map_base <overrides>
+# ...` and writes outputs/wandb_sweeps/<sweep id>/<run id>/record.json. grid.yaml holds the
+# default map's cells (experiments/wandb/make_grid.py); it must be up to date to be launched.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -38,7 +40,7 @@ while [[ $# -gt 0 ]]; do
     --project) project="$2"; shift 2 ;;
     --entity) entity="$2"; shift 2 ;;
     --dry-run) dry=1; shift ;;
-    -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
     -*) echo "launch.sh: unknown option $1" >&2; exit 2 ;;
     *) sweep="$1"; shift ;;
   esac
@@ -66,6 +68,10 @@ PY
 
 if [[ -z "$sweep_id" ]]; then
   [[ -f "$file" ]] || { echo "launch.sh: no sweep file $file" >&2; exit 2; }
+  # the grid must sweep the map's cells as conf/ defines them now
+  if [[ "$(realpath "$file")" == "$(realpath experiments/wandb/grid.yaml)" ]]; then
+    python -m experiments.wandb.make_grid --check >/dev/null || exit 2
+  fi
   args=(sweep)
   [[ -n "$project" ]] && args+=(--project "$project")
   [[ -n "$entity" ]] && args+=(--entity "$entity")
@@ -83,6 +89,7 @@ if [[ -z "$sweep_id" ]]; then
   [[ -z "$runs" ]] && runs="$(sweep_size "$file")"
 fi
 echo "sweep: $sweep_id" >&2
+[[ -n "$runs" ]] && echo "runs: $runs" >&2
 
 if [[ $slurm -eq 1 ]]; then
   [[ -n "$runs" ]] || { echo "launch.sh: --runs N is needed for this sweep" >&2; exit 2; }
