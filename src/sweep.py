@@ -390,7 +390,7 @@ def accounting_works() -> bool:
 def squeue_info(text: str, wanted: set[str]) -> dict[str, dict[str, str]]:
     """`squeue --array --states=all --Format=JobArrayID:|,State:|,RestartCnt:|,NodeList:|`
     output -> {"<array id>_<task>": {"JobID", "State", "RestartCnt", "NodeList"}}, for the
-    array jobs in `wanted`. A task of those jobs that squeue no longer lists is `GONE`."""
+    array jobs in `wanted` (squeue lists a finished job for MinJobAge, 300 s by default)."""
     info: dict[str, dict[str, str]] = {}
     for line in text.splitlines():
         cols = [c.strip() for c in line.split("|")]
@@ -576,7 +576,6 @@ class SlurmLauncher(_SubmititSlurmLauncher):
     def _collect(self, job: Any, overrides: list[str], num: int) -> Any:
         from submitit.core.utils import UncompletedJobError
 
-        started = time.time()
         job.wait()
         state = slurm_state(job.watcher.get_state(job.job_id, mode="cache"))
         if state in ENDED_EARLY and not job.paths.result_pickle.exists():
@@ -584,10 +583,10 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         try:
             return job.results()[0]
         except UncompletedJobError as e:    # no result: the record, if any, says what happened
-            return self._from_record(job, overrides, num, state, e, time.time() - started)
+            return self._from_record(job, overrides, num, state, e)
 
     def _from_record(self, job: Any, overrides: list[str], num: int, state: str,
-                     error: Exception, seconds: float) -> Any:
+                     error: Exception) -> Any:
         from hydra.core.utils import JobReturn, JobStatus
         from omegaconf import open_dict
 
