@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,18 +45,23 @@ import src  # noqa: F401  (sets the offline environment before anything else loa
 from .attention import SoftmaxSpec
 from .data import DataSpec
 from .precision import PrecisionSpec
+from .serve import (  # noqa: F401  (locate, split_rows: the probe's API, tested as such)
+    IGNORE_INDEX,
+    locate,
+    nonfinite,
+    properties,
+    scan_row,
+    short,
+    split_rows,
+    summarize,
+    verdict,
+)
 from .stress import StressSpec
 
 TABLE = "samples"            # samples.parquet / samples.csv in each job's dir
 SETTINGS = "probe.json"
 SPLITS = ("train", "val", "test")
 AXES = ("precision", "softmax", "padding_side", "stress")  # what a probe sweep varies
-IGNORE_INDEX = -100
-LAYER = re.compile(r"(language_model\.layers|visual\.blocks)\.(\d+)")
-PARTS = {"self_attn": "attention", "attn": "attention", "mlp": "mlp", "merger": "merger",
-         "embed_tokens": "embedding", "patch_embed": "patch_embed", "lm_head": "lm_head",
-         "norm": "norm", "input_layernorm": "norm", "post_attention_layernorm": "norm",
-         "norm1": "norm", "norm2": "norm"}
 
 
 @dataclass
@@ -150,104 +154,6 @@ def load_samples(spec: ProbeSpec) -> list[dict]:
     return samples
 
 
-def split_rows(batch: dict, image_token_id: int, merge: int) -> list[dict]:
-    """Each row of a collated batch as a batch of one: its padded token rows, and the patches
-    and grid rows of its own images (images are in row order, see data.Collator)."""
-    import torch
-
-    if "pixel_values_videos" in batch:
-        raise ValueError("probe: video inputs are not supported")
-    ids = batch["input_ids"]
-    b = ids.shape[0]
-    grid = batch.get("image_grid_thw")
-    pixels = batch.get("pixel_values")
-    per_row_tokens = (ids == image_token_id).sum(1).tolist()
-    spans, image, patch = [], 0, 0
-    for i in range(b):
-        first_image, first_patch, tokens = image, patch, 0
-        while tokens < per_row_tokens[i]:
-            n = int(grid[image].prod())
-            tokens += n // merge ** 2
-            patch += n
-            image += 1
-        if tokens != per_row_tokens[i]:
-            raise ValueError(f"row {i}: {per_row_tokens[i]} image tokens do not match its images")
-        spans.append((first_image, image, first_patch, patch))
-    rows = []
-    for i, (i0, i1, p0, p1) in enumerate(spans):
-        row = {k: v[i:i + 1] for k, v in batch.items()
-               if isinstance(v, torch.Tensor) and k not in ("pixel_values", "image_grid_thw")
-               and v.dim() > 0 and v.shape[0] == b}
-        if i1 > i0:
-            row["pixel_values"] = pixels[p0:p1]
-            row["image_grid_thw"] = grid[i0:i1]
-        row["sample_ids"] = [batch["sample_ids"][i]]
-        rows.append(row)
-    return rows
-
-
-def properties(row: dict, padding_side: str, merge: int) -> dict:
-    """What may matter about a sample, as the model saw it."""
-    import torch
-
-    mask = row["attention_mask"][0]
-    length, real = int(mask.numel()), int(mask.sum())
-    pixels = row.get("pixel_values")
-    grid = row.get("image_grid_thw")
-    return {
-        "id": row["sample_ids"][0],
-        "seq_len": real,
-        "padded_len": length,
-        "num_pad": length - real,
-        "padding_side": padding_side,
-        "n_images": 0 if grid is None else int(grid.shape[0]),
-        "n_image_tokens": 0 if grid is None else int(grid.prod(-1).sum()) // merge ** 2,
-        "pixel_min": math.nan if pixels is None else float(pixels.float().min()),
-        "pixel_max": math.nan if pixels is None else float(pixels.float().max()),
-        "pixels_nonfinite": bool(pixels is not None and not torch.isfinite(pixels).all()),
-        "n_supervised": int((row["labels"][0] != IGNORE_INDEX).sum()),
-    }
-
-
-# --- where it broke ---------------------------------------------------------------------
-
-def locate(name: str | None) -> dict:
-    """A module name as tower / layer / part, e.g. model.language_model.layers.0.self_attn ->
-    text, 0, attention."""
-    if name is None:
-        return {"first_tower": None, "first_layer": None, "first_part": None}
-    m = LAYER.search(name)
-    tower = ("vision" if ".visual." in f".{name}" else "lm_head" if name.startswith("lm_head")
-             else "text")
-    names = (name[m.end():] if m else name).strip(".").split(".")
-    part = next((PARTS[n] for n in names if n in PARTS), names[-1] if m is None else "block")
-    return {"first_tower": tower, "first_layer": int(m.group(2)) if m else None,
-            "first_part": part}
-
-
-def short(name: str | None) -> str:
-    if name is None:
-        return "-"
-    return (name.replace("model.language_model.layers.", "llm.")
-            .replace("model.visual.blocks.", "vit.").replace("model.", ""))
-
-
-def _nonfinite(t) -> bool:
-    import torch
-
-    return bool(t.is_floating_point() and not torch.isfinite(t).all())
-
-
-def _sample_loss(logits, labels) -> float:
-    import torch.nn.functional as F
-
-    targets = labels[:, 1:]
-    if not (targets != IGNORE_INDEX).any():
-        return math.nan
-    return float(F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
-                                 ignore_index=IGNORE_INDEX))
-
-
 def _prompt(row: dict) -> dict:
     """The row cut before its last assistant reply (its left padding kept)."""
     labels = row["labels"][0]
@@ -328,13 +234,14 @@ def probe(spec: ProbeSpec, out_dir: str | Path | None = None, quiet: bool = Fals
                 inputs = {k: v for k, v in batch.items() if k not in ("labels", "sample_ids")}
                 with plugin.forward_context():
                     out = model(**inputs, use_cache=False, output_hidden_states=True)
-                batch_bad = [_nonfinite(out.logits[i])
-                             or any(_nonfinite(h[i]) for h in out.hidden_states)
+                batch_bad = [nonfinite(out.logits[i])
+                             or any(nonfinite(h[i]) for h in out.hidden_states)
                              for i in range(len(batch_bad))]
                 del out
             for r, row in enumerate(split_rows(batch, image_token_id, merge)):
                 rec = {**properties(row, spec.data.padding_side, merge), "batch": b, "row": r,
-                       **_probe_row(model, plugin, stats, row), "batch_nonfinite": batch_bad[r]}
+                       **scan_row(model, plugin.forward_context, stats, row),
+                       "batch_nonfinite": batch_bad[r]}
                 if spec.probe.max_new_tokens > 0:
                     rec.update(_generate(model, plugin, _prompt(row), spec.probe.max_new_tokens,
                                          tokenizer))
@@ -346,33 +253,6 @@ def probe(spec: ProbeSpec, out_dir: str | Path | None = None, quiet: bool = Fals
     if not quiet:
         print_summary(table, settings, spec.probe.show)
     return table
-
-
-def _probe_row(model, plugin, stats, row: dict) -> dict:
-    """One row alone under the monitor's hooks: where it went non-finite, its largest
-    attention logit, its loss."""
-    from .monitor import first_nonfinite_forward
-
-    inputs = {k: v for k, v in row.items() if k not in ("labels", "sample_ids")}
-
-    def forward():
-        with plugin.forward_context():
-            return model(**inputs, use_cache=False)
-
-    with stats.active():
-        name, dtype, out = first_nonfinite_forward(model, forward)
-    summary = stats.summary()
-    top = max(summary.items(), key=lambda kv: kv[1]["max_logit"], default=None)
-    logits_bad = _nonfinite(out.logits)
-    return {
-        "nonfinite": name is not None or logits_bad,
-        "first_module": name, **locate(name), "first_dtype": dtype,
-        "attn_nonfinite": int(sum(s["nonfinite"] for s in summary.values())),
-        "max_attn_logit": top[1]["max_logit"] if top else math.nan,
-        "max_attn_logit_layer": short(top[0]) if top else None,
-        "logits_nonfinite": logits_bad,
-        "loss": _sample_loss(out.logits, row["labels"]),
-    }
 
 
 def _generate(model, plugin, prompt: dict, max_new_tokens: int, tokenizer) -> dict:
@@ -405,6 +285,9 @@ def settings_of(spec: ProbeSpec, checkpoint: str, table, half_gemm: str = "nativ
         "data": spec.data.name, "samples": len(table), "nonfinite": n_bad,
         "batch_nonfinite": int(table["batch_nonfinite"].eq(True).sum()),
         "max_new_tokens": spec.probe.max_new_tokens, "half_gemm": half_gemm,
+        # the same test-time verdict a training run records (src/serve.py)
+        "verdict": verdict(summarize(table.to_dict("records"), spec.precision.name,
+                                     spec.data.padding_side, 0.0)),
     }
 
 
@@ -449,6 +332,7 @@ def print_summary(table, settings: dict, show: int = 20) -> None:
                   f"{n} samples, batch_size={settings['batch_size']}): {cell}")
     colour = "red" if bad else "green"
     console.print(f"[{colour}]{bad} of {n} samples non-finite[/{colour}]")
+    console.print(settings["verdict"], markup=False)
     disagree = table["batch_nonfinite"].notna() & (
         table["batch_nonfinite"].astype(bool) != table["nonfinite"].astype(bool))
     if disagree.any():

@@ -71,6 +71,18 @@ class Record:
     switch_step: int | None = None  # progressive: the step bf16 started
     steps_done: int = 0
     max_steps: int = 0
+    # the test-time outcome (src/serve.py): a run that stayed finite, served on its test split
+    test_status: str | None = None  # finite / nonfinite; None: not run (training not finite)
+    test_samples: int = 0
+    test_nonfinite: int = 0
+    test_failing_ids: list[str] = field(default_factory=list)
+    test_failing_pads: list[int] = field(default_factory=list)  # their left padding
+    test_module: str | None = None  # first non-finite module of the first failing sample
+    test_cause: str | None = None
+    test_cause_detail: str | None = None
+    test_precision: str | None = None      # the weights' dtype at serving
+    test_padding_side: str | None = None
+    test_wall_s: float | None = None
     wall_time_s: float = 0.0
     steps_per_s: float = 0.0
     peak_memory_gb: float | None = None  # GPU: max allocated; CPU: the process's max RSS
@@ -98,11 +110,11 @@ class Record:
         if self.status == "ok":
             return (f"OK: {cell} stayed finite and trained for {self.steps_done} steps: "
                     f"{trained}, max grad norm {_fmt(self.max_grad_norm)}, max attention "
-                    f"logit {_fmt(self.max_attn_logit)}.")
+                    f"logit {_fmt(self.max_attn_logit)}.{self.test_verdict()}")
         if self.status == "stalled":
             return (f"STALLED: {cell} stayed finite for {self.steps_done} steps but did not "
                     f"train: {trained}; ok needs the final loss {self.train_margin:.0%} below "
-                    f"the initial one.{why}")
+                    f"the initial one.{why}{self.test_verdict()}")
         if self.status == "nonfinite":
             return (f"NON-FINITE: {cell} first went non-finite at step {self.first_bad_step} "
                     f"in the {self.phase} pass, first in module {self.module} "
@@ -117,6 +129,16 @@ class Record:
             return (f"INTERRUPTED: {cell} stopped by {self.signal} after {self.steps_done} "
                     f"steps (attempt {self.attempt}); rerunning the sweep redoes it.")
         return f"ERROR: {cell} did not run: {self.error}"
+
+    def test_verdict(self) -> str:
+        if self.test_status is None:
+            return ""
+        where = f"served {self.test_precision}, {self.test_padding_side} padding"
+        if self.test_status == "finite":
+            return f" Test time: all {self.test_samples} test samples finite ({where})."
+        return (f" Test time: {self.test_nonfinite} of {self.test_samples} test samples "
+                f"NON-FINITE ({where}): {', '.join(self.test_failing_ids[:6])}; first in "
+                f"{self.test_module}, cause {self.test_cause}.")
 
     def summary(self) -> dict:
         """Flat fields for the W&B run summary."""

@@ -14,6 +14,7 @@ through computation on transformers' code path, never by writing inf or NaN anyw
   `every` batches.
 - empty_targets, pixel_range: data settings only (data.max_length, data.pixel_max).
 - lr_spike: the learning rate is multiplied by `factor` for `length` steps from `at`.
+- serving_masked_rows: nothing in training; judged on the run's test pass (src/serve.py).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch
 from .monitor import AttentionStats
 
 STRESSES = ("none", "logit_growth", "fp16_overflow", "masked_rows", "empty_targets",
-            "grad_poison", "lr_spike", "pixel_range")
+            "grad_poison", "lr_spike", "pixel_range", "serving_masked_rows")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class StressSpec:
     cause: str | None = None     # what the monitor records when the mechanism fires
     baseline: list[str] = field(default_factory=list)      # overrides under which it fails
     predictions: list[dict] = field(default_factory=list)  # {advice, mitigation, effect, why}
+    judged_on: str = "training"  # or "test": the run's test pass (serve.*) shows the failure
     # the mechanisms' parameters
     target_logit: float = 60.0   # logit_growth
     token: str = "<|im_start|>"  # fp16_overflow: the token that carries the massive activation

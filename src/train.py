@@ -30,6 +30,7 @@ from .module import OptimSpec
 from .monitor import MonitorSpec
 from .precision import PrecisionSpec
 from .record import Record, find_records, read_record, write_record
+from .serve import ServeSpec
 from .stress import StressSpec
 
 # Lightning notes that do not apply here: the module's batch hook is meant to win over the
@@ -84,6 +85,7 @@ class RunSpec:
     logger: LoggerSpec = field(default_factory=LoggerSpec)
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     save: SaveSpec = field(default_factory=SaveSpec)
+    serve: ServeSpec = field(default_factory=ServeSpec)
     batch_size: int = 4
     seed: int = 0
     ckpt_path: str | None = None
@@ -143,6 +145,7 @@ def spec_from_config(cfg: dict, overrides: list[str] | None = None) -> RunSpec:
         logger=_build(LoggerSpec, cfg.get("logger"), "logger"),
         trainer=_build(TrainerSpec, cfg.get("trainer"), "trainer"),
         save=_build(SaveSpec, cfg.get("save"), "save"),
+        serve=_build(ServeSpec, cfg.get("serve"), "serve"),
         batch_size=cfg.get("batch_size", 4),
         seed=cfg.get("seed", 0),
         ckpt_path=cfg.get("ckpt_path"),
@@ -182,6 +185,7 @@ def check(spec: RunSpec) -> None:
     for bad, message in rules:
         if bad:
             raise ValueError(message)
+    spec.serve.check()
     from . import attention, guards, precision, stress
 
     for allowed, value, key in ((attention.VARIANTS, spec.softmax.name, "softmax"),
@@ -333,6 +337,13 @@ def run(spec: RunSpec, run_dir: str | Path, extra_callbacks: list | None = None)
             from .checkpoint import save_pretrained
 
             save_pretrained(module.model, processor, run_dir / "hf", spec.save.lora_merged)
+        if spec.serve.enabled and record.status in ("ok", "stalled") and data.test:
+            # the symptom users report: finite in training, NaN on some test samples served
+            from .serve import serve_test
+
+            for key, value in serve_test(module.model, processor, data.test, spec.serve,
+                                         spec.data, record.half_gemm).items():
+                setattr(record, key, value)
         _write_history(monitor, run_dir)
     except Interrupted as e:
         interrupted = e
