@@ -171,7 +171,8 @@ class Sweep:
                 subprocess.run(["scancel", task], env=self.env, capture_output=True, check=False)
         self.log.seek(0)
         output = self.log.read()
-        assert self.proc.returncode == 0, output[-5000:]
+        killed = f" (killed by signal {-self.proc.returncode})" if self.proc.returncode < 0 else ""
+        assert self.proc.returncode == 0, output[-5000:] + killed
         return output
 
 
@@ -255,10 +256,10 @@ def test_smoke_grid_through_slurm_matches_the_local_launcher(slurm, tmp_path):
 
 
 # One sweep for preemption and the time limit (they share its minute of waiting): three
-# cells with a 1-min limit, SLURM's shortest. Cell 0 trains 4 steps; cell 1 trains 40 steps
+# cells with a 1-min limit, SLURM's shortest. Cell 0 trains 4 steps; cell 1 trains 20 steps
 # and SLURM requeues it while it runs (what preemption does); cell 2 would train 100000 steps
 # and hits the time limit.
-PREEMPTION = [*QUIET, "max_steps=4,40,100000", "hydra.launcher.timeout_min=1"]
+PREEMPTION = [*QUIET, "max_steps=4,20,100000", "hydra.launcher.timeout_min=1"]
 
 
 @pytest.fixture(scope="module")
@@ -279,13 +280,15 @@ def preempted(slurm, tmp_path_factory) -> tuple[Path, str, dict[str, dict]]:
 def test_a_requeued_task_runs_again_and_leaves_one_record(preempted):
     _, output, recs = preempted
     assert sorted(recs) == ["0", "1", "2"], "exactly one record per cell"
-    assert [recs[n]["max_steps"] for n in ("0", "1", "2")] == [4, 40, 100000]
+    assert [recs[n]["max_steps"] for n in ("0", "1", "2")] == [4, 20, 100000]
     assert "error" not in {r["status"] for r in recs.values()}
     assert recs["1"]["status"] in ("ok", "stalled"), recs["1"]     # it ran to the end ...
-    assert recs["1"]["steps_done"] == 40
+    assert recs["1"]["steps_done"] == 20
     assert recs["1"]["attempt"] == 2, recs["1"]                    # ... on its second start
     assert recs["0"]["attempt"] == 1 and recs["2"]["attempt"] == 1
-    assert re.search(r"slurm \d+: completed 2 · timeout 1 · requeued 1 ", summary(output)), \
+    # SLURM's final states: cell 2 timed out (below); cell 1 completed unless a loaded machine
+    # made its second start outlast the minute after writing its record
+    assert re.search(r"slurm \d+: completed [12] · timeout [12] · requeued 1 ", summary(output)), \
         summary(output)
     assert re.search(r"requeued 1", output[:output.rindex("sweep done")]), "live, too"
 
