@@ -80,12 +80,37 @@ def serve_test(model, processor, samples: list[dict], spec: ServeSpec, data_spec
         for start in range(0, len(samples), spec.batch_size):
             batch = collate(samples[start:start + spec.batch_size])
             batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            for row in split_rows(batch, config.image_token_id,
-                                  config.vision_config.spatial_merge_size):
+            split = split_rows(batch, config.image_token_id,
+                               config.vision_config.spatial_merge_size)
+            if batch_finite(model, context, batch):
+                # the batch as served stayed finite: no row can have failed in it
+                rows += [{"id": r["sample_ids"][0], "nonfinite": False} for r in split]
+                continue
+            for row in split:  # attribute: each row alone, with its padding, under hooks
                 rows.append({"id": row["sample_ids"][0],
                              "num_pad": int((row["attention_mask"][0] == 0).sum()),
                              **scan_row(model, context, stats, row)})
     return summarize(rows, spec.precision, spec.padding_side, time.time() - started)
+
+
+def batch_finite(model, context, batch: dict) -> bool:
+    """The batched forward, with a check on every attention's weights and the logits."""
+    from . import attention
+
+    bad: list[bool] = []
+
+    def watch(module, query, key, mask, scaling, weights, out):
+        if not bad and not torch.isfinite(weights if weights is not None else out).all():
+            bad.append(True)
+
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "sample_ids")}
+    attention.OBSERVERS.append(watch)
+    try:
+        with context():
+            logits = model(**inputs, use_cache=False).logits
+    finally:
+        attention.OBSERVERS.remove(watch)
+    return not bad and bool(torch.isfinite(logits).all())
 
 
 def summarize(rows: list[dict], precision: str, padding_side: str, seconds: float) -> dict:
