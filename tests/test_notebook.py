@@ -58,11 +58,13 @@ def test_notebook_runs_on_the_results_table(tmp_path, monkeypatch):
 
     assert not _outputs(nb, "error")
     text = "".join(o.get("text", "") for o in _outputs(nb, "stream"))
-    assert f"{len(df)} runs" in text and "3 mechanisms" in text
+    assert f"{len(df)} runs" in text and "4 mechanisms" in text
+    assert "6 cells finite in training, non-finite at test time" in text
     images = [o for o in _outputs(nb) if "image/png" in o.get("data", {})]
     assert len(images) >= 4, "expected the matrix, the frontier, the map and the loss curves"
     html = "".join(o.get("data", {}).get("text/html", "") for o in _outputs(nb))
     assert "refutes" in html and "masked_rows" in html     # the verdicts table
+    assert "serve.padding_side=right" in html and "shapes/test/1 (pad 5)" in html
     md = "".join(o.get("data", {}).get("text/markdown", "") for o in _outputs(nb))
     assert "delays logit_growth" in md and "88.72" in md
 

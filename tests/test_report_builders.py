@@ -1,6 +1,8 @@
 """Constructed records for the report tests (and the notebook test), written the way a run
 writes them: src.record.Record instances through write_record, with a resolved `config`, the
-`cell` hash (config without the seed) and the mechanism YAML under config["stress"].
+`cell` hash (config without the seed) and the mechanism YAML under config["stress"]. A run
+that stays finite gets a test-time pass as the runner gives it (test_status, failing ids,
+cause): finite by default, or as an outcome tuple's fifth field says (served_bad, ...).
 
 Nothing here uses src.report: overrides are applied, and cells hashed, by this file's own
 small code, so the tests compare the engine against an independent construction.
@@ -32,8 +34,11 @@ BASE = {
     "stress": {"name": "none"},
     "guard": {"name": "none"},
     "monitor": {"every": 5, "train_margin": 0.1},
+    "serve": {"enabled": True, "precision": "bf16", "padding_side": "left", "batch_size": 8},
     "lr": 1e-3, "lr_x": 1, "warmup_steps": 0, "clip": 1.0, "max_steps": 20, "seed": 0,
 }
+TEST_SAMPLES = 8
+TEST_IDS = [f"shapes/test/{i}" for i in range(TEST_SAMPLES)]
 
 
 def mech(name: str, cause: str, baseline: list[str], predictions: list[dict],
@@ -86,10 +91,30 @@ def cell_hash(config: dict) -> str:
     return _hash({k: v for k, v in config.items() if k != "seed"})
 
 
+def served_fields(cfg: dict, status: str, test: dict | bool | None) -> dict:
+    """The record's test_* fields as the runner writes them: only a run that stayed finite
+    serves its test split; `test` None: all finite; False: not run; a dict: failing samples
+    ({"ids": [...], "pads": [...], "cause": ...}, see served_bad)."""
+    serve = cfg.get("serve") or {}
+    if status not in ("ok", "stalled") or test is False or not serve.get("enabled", True):
+        return {}
+    out = {"test_samples": TEST_SAMPLES, "test_precision": serve.get("precision"),
+           "test_padding_side": serve.get("padding_side"), "test_wall_s": 0.5,
+           "test_status": "finite", "test_nonfinite": 0}
+    if test and test.get("ids"):
+        out.update(test_status="nonfinite", test_nonfinite=len(test["ids"]),
+                   test_failing_ids=list(test["ids"]), test_failing_pads=list(test["pads"]),
+                   test_cause=test.get("cause"), test_cause_detail="a row of -inf",
+                   test_module="model.language_model.layers.0.self_attn")
+    return out
+
+
 def run(root: Path, config: dict, seed: int, status: str, step: int | None = None,
-        cause: str | None = None, param_frac: float | None = None, **kw) -> Path:
+        cause: str | None = None, param_frac: float | None = None,
+        test: dict | bool | None = None, **kw) -> Path:
     """One run's record (a run dir under root named by its config hash)."""
     cfg = {**copy.deepcopy(config), "seed": seed}
+    kw = {**served_fields(cfg, status, test), **kw}
     h = _hash(cfg)
     failed = status in ("nonfinite", "diverged")
     ref = cfg["model"].get("ref_lr")
@@ -117,11 +142,11 @@ def run(root: Path, config: dict, seed: int, status: str, step: int | None = Non
 
 
 def seeds(root: Path, config: dict, outcomes: list[tuple]) -> None:
-    """One cell: outcomes[i] = (status, step, cause, param_frac) for seed i (trailing
-    fields optional)."""
+    """One cell: outcomes[i] = (status, step, cause, param_frac, test) for seed i (trailing
+    fields optional; test: see served_fields)."""
     for i, o in enumerate(outcomes):
-        o = tuple(o) + (None,) * (4 - len(o))
-        run(root, config, i, o[0], o[1], o[2], o[3])
+        o = tuple(o) + (None,) * (5 - len(o))
+        run(root, config, i, o[0], o[1], o[2], o[3], test=o[4])
 
 
 def failing(n: int, step: int, cause: str, frac: float | None = None,
@@ -135,6 +160,19 @@ def ok(n: int) -> list[tuple]:
 
 def stalled(n: int) -> list[tuple]:
     return [("stalled",)] * n
+
+
+def served_bad(n: int, pads: dict[int, int], cause: str = "masked_row",
+               status: str = "ok") -> list[tuple]:
+    """n seeds that trained finite (`status`) and whose test pass was non-finite on the test
+    samples `pads` names (index -> its left padding)."""
+    test = {"ids": [TEST_IDS[i] for i in pads], "pads": list(pads.values()), "cause": cause}
+    return [(status, None, None, None, test)] * n
+
+
+def not_served(n: int, status: str = "ok") -> list[tuple]:
+    """n seeds that trained finite but ran no test pass (serve.enabled=false, old records)."""
+    return [(status, None, None, None, False)] * n
 
 
 # --- a small demo map: a core grid and three mechanisms (figures, CLI, notebook) ----------
@@ -159,7 +197,17 @@ DEMO_MECHS = {
         pred("lower_lr", ["lr_x=0.1"], "fixes"),
         pred("warmup", ["warmup_steps=5"], "no_effect"),
         pred("clip", ["clip=0.1"], "no_effect")]),
+    "serving_masked_rows": mech(
+        "serving_masked_rows", "masked_row",
+        ["precision=bf16", "softmax=stable", "serve.precision=bf16_autocast"], [
+            pred("use_fp32", ["precision=fp32"], "no_effect"),
+            pred("lower_lr", ["lr_x=0.1"], "no_effect"),
+            pred("max_subtracted_softmax", ["softmax=eager"], "fixes"),
+            pred("right_padding", ["serve.padding_side=right"], "fixes"),
+            pred("serve_precision", ["serve.precision=bf16"], "fixes"),
+            pred("serve_precision", ["serve.precision=fp32"], "fixes")], judged_on="test"),
 }
+DEMO_PADS = {1: 5, 4: 3}       # the left-padded test samples (index -> pads) that fail
 # (mechanism, mitigation) -> per-seed outcomes; the baseline under key ()
 DEMO_OUTCOMES = {
     ("logit_growth", ()): failing(3, 8, "exp_overflow", 0.3),
@@ -172,13 +220,22 @@ DEMO_OUTCOMES = {
     ("masked_rows", ()): failing(3, 0, "masked_row", 1.0),
     ("masked_rows", ("precision=fp32",)): failing(3, 0, "masked_row", 1.0),
     ("masked_rows", ("softmax=safe",)): ok(3),
-    ("masked_rows", ("data.padding_side=right",)): ok(2) + stalled(1),
+    # trains fine with right padding, but the served test split is left-padded
+    ("masked_rows", ("data.padding_side=right",)): (served_bad(2, DEMO_PADS)
+                                                    + served_bad(1, DEMO_PADS, status="stalled")),
     ("masked_rows", ("softmax=stable",)): failing(3, 0, "masked_row", 1.0),
     ("masked_rows", ("guard=skip_step",)): stalled(3),
     ("lr_spike", ()): failing(2, 9, "divergence", status="diverged") + ok(1),
     ("lr_spike", ("lr_x=0.1",)): ok(3),
     ("lr_spike", ("warmup_steps=5",)): failing(3, 9, "divergence", status="diverged"),
     ("lr_spike", ("clip=0.1",)): failing(3, 10, "divergence", status="diverged"),
+    ("serving_masked_rows", ()): served_bad(3, DEMO_PADS),
+    ("serving_masked_rows", ("precision=fp32",)): served_bad(3, DEMO_PADS),
+    ("serving_masked_rows", ("lr_x=0.1",)): served_bad(3, DEMO_PADS, status="stalled"),
+    ("serving_masked_rows", ("softmax=eager",)): ok(3),
+    ("serving_masked_rows", ("serve.padding_side=right",)): ok(3),
+    ("serving_masked_rows", ("serve.precision=bf16",)): ok(3),
+    ("serving_masked_rows", ("serve.precision=fp32",)): ok(2) + served_bad(1, DEMO_PADS),
 }
 DEMO_CORE_LRX = (0.3, 1, 3, 10)
 
@@ -188,9 +245,10 @@ def demo_core_status(precision: str, softmax: str, lr_x: float, seed: int) -> tu
         return ("nonfinite", 12 if lr_x == 3 else 5, "exp_overflow", 0.2)
     if lr_x >= 10:
         return ("diverged", 15, "divergence")
-    if lr_x < 0.5 and seed == 0:
-        return ("stalled",)
-    return ("ok",)
+    status = "stalled" if lr_x < 0.5 and seed == 0 else "ok"
+    if precision == "bf16" and softmax == "naive":   # finite in training, not at test time
+        return served_bad(1, DEMO_PADS, status=status)[0]
+    return (status,)
 
 
 def demo_map(root: Path, n_seeds: int = 3, history: bool = False) -> Path:
@@ -212,7 +270,7 @@ def demo_map(root: Path, n_seeds: int = 3, history: bool = False) -> Path:
                     o = demo_core_status(p, s, x, seed)
                     d = run(root, cfg, seed, *o)
                     if history:
-                        n = o[1] if len(o) > 1 else 20
+                        n = o[1] if len(o) > 1 and o[1] is not None else 20
                         rows = ["step,loss,grad_norm,lr"] + [
                             f"{k},{3 - k / (n + 1):.3f},{1 + k % 3},{x * 1e-3}"
                             for k in range(n)]

@@ -42,6 +42,13 @@ def test_writes_every_file(built):
     row = v[(v["mechanism"] == "masked_rows") & (v["mitigation"] == "softmax=stable")].iloc[0]
     assert (row["predicted"], row["measured"], row["agreement"]) == ("fixes", "no_effect",
                                                                      "refutes")
+    # the test-time outcome beside training: cells.csv and verdicts.csv carry it
+    row = v[v["mitigation"] == "serve.padding_side=right"].iloc[0]
+    assert (row["judged_on"], row["measured"], row["test_seeds_finite"]) == ("test", "fixes", 3)
+    cells = pd.read_csv(built / "cells.csv")
+    assert (cells["outcome"] == report.TEST_FAILS).sum() == 6
+    results = pd.read_csv(built / "results.csv")
+    assert results["test_status"].value_counts().to_dict() == {"finite": 49, "nonfinite": 20}
 
 
 def test_report_md(built):
@@ -63,8 +70,17 @@ def test_report_md(built):
     assert "already subtract the row max" in md
     assert "bf16 vs fp32 range" in md and "88.72" in md
     assert md.index("Beyond the seed") > md.index("bf16 vs fp32 range")
+    # training vs test time, near the top: the demo's 6 cells and what removed it
+    assert md.index("## Training vs test time") < md.index("## Verdict rules")
+    assert "**6 of the 22 cells that stayed finite in training" in md
+    assert ("- **serving_masked_rows** (cause `masked_row`): fixes: `softmax=eager`, "
+            "`serve.padding_side=right`, `serve.precision=bf16`, `serve.precision=fp32`; "
+            "no effect: `precision=fp32`, `lr_x=0.1`") in md
+    assert "### serving_masked_rows (judged at test time)" in md
+    assert ("not tested in training. Test time: fixes serving_masked_rows "
+            "(serve.precision=bf16: 3/3 seeds served finite") in md
     # frontier table: naive fails from lr_x 3, stable only at 10
-    assert "| bf16 | naive |  | 0.3 1 3 10 | 1 | 3 | yes |" in md
+    assert "| bf16 | naive |  | 0.3 1 3 10 | 1 | 3 | yes | 2/3 3/3 1/3 0/3 | 0.3 1 |" in md
     assert "| bf16 | stable |  | 0.3 1 3 10 | 3 | 10 | yes |" in md
 
 

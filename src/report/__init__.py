@@ -7,9 +7,11 @@ torch, transformers or hydra import anywhere in this package, so a cluster's res
 on a laptop in seconds. The modules, in the order the data flows:
 
     collect   records -> results table (one row per run; duplicates resolved)
-    cells     runs -> cells (seeds pooled by the record's `cell`), outcome per cell
+    cells     runs -> cells (seeds pooled by the record's `cell`), outcome per cell, the
+              test-time outcome beside it (TEST_FAILS: finite in training, not at test)
     match     Hydra overrides against a resolved config
-    verdicts  mechanisms -> baseline, mitigation cells, measured effect, agreement (RULES)
+    verdicts  mechanisms -> baseline, mitigation cells, measured effect, agreement (RULES);
+              `judged_on: test` mechanisms on the test-time outcome (measure_test)
     summary   per-advice lines, the bf16-range claim, the verdicts table
     advice    ADVICE: the advice ids as data
     frontier  the stable-lr frontier of the core map
@@ -17,21 +19,33 @@ on a laptop in seconds. The modules, in the order the data flows:
     markdown  report.md;  write: the pipeline, console summary, W&B
 """
 from .advice import ADVICE, Advice, range_facts
-from .cells import MIN_SEEDS, Cell, build_cells, cells_frame, two_thirds
+from .cells import (
+    MIN_SEEDS,
+    OUTCOME_TEXT,
+    OUTCOMES,
+    TEST_FAILS,
+    Cell,
+    build_cells,
+    cells_frame,
+    two_thirds,
+)
 from .collect import collect, load_results, normalize_results, run_config, write_results
 from .figures import draw_frontier, draw_matrix
 from .frontier import FRONTIER_RULE, fmt_lr, frontier_frame, lines
 from .match import equal_except, matches, parse_override
 from .nanmap import draw_map
 from .summary import advice_lines, pairs_frame, range_pairs
-from .verdicts import RULES, Mechanism, Pair, agreement, measure, mechanisms
+from .verdicts import RULES, Mechanism, Pair, agreement, measure, measure_test, mechanisms
 from .write import Analysis, analyze, write_report
 
 __all__ = [
     "ADVICE",
     "FRONTIER_RULE",
     "MIN_SEEDS",
+    "OUTCOMES",
+    "OUTCOME_TEXT",
     "RULES",
+    "TEST_FAILS",
     "Advice",
     "Analysis",
     "Cell",
@@ -53,6 +67,7 @@ __all__ = [
     "load_results",
     "matches",
     "measure",
+    "measure_test",
     "mechanisms",
     "normalize_results",
     "pairs_frame",

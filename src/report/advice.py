@@ -47,6 +47,23 @@ ADVICE: dict[str, Advice] = {a.id: a for a in (
            seed=False),
     Advice("transformers_mask", "build the mask as transformers does",
            "-inf from summed mask planes", seed=False),
+    Advice("serve_precision",
+           "serve in bf16 weights or fp32, not under bf16 autocast with a half-precision mask",
+           "fully masked rows at test time: the fp32 mask's float-min cast to -inf in "
+           "half-precision scores", seed=False),
+    Advice("fp32_qk", "compute q.k, the mask and the softmax in fp32",
+           "attention scores past the half-precision range, -inf from a cast mask",
+           note="softmax=fp32_qk upcasts q and k before the product (transformers PR 33317); "
+                "eager's q.k runs in the compute dtype", seed=False),
+    Advice("qk_norm", "normalize queries and keys (QK-norm)", "attention-logit growth",
+           note="an architecture change: per-head RMS norm of q and k (model.qk_norm)",
+           seed=False),
+    Advice("z_loss", "add a z-loss", "output-logit drift (log Z of the output softmax)",
+           seed=False),
+    Advice("update_clipping", "clip the update (StableAdamW)",
+           "updates larger than Adam's second moment predicts", seed=False),
+    Advice("adam_eps_beta2", "a larger Adam eps and a smaller beta2",
+           "a stale second moment after a sudden gradient change", seed=False),
     Advice("keep_targets", "keep the supervised tokens (no truncation past the answer)",
            "batches without a supervised token (0/0 loss)", seed=False),
 )}

@@ -3,12 +3,19 @@
 Two runs are seeds of one cell only when their resolved configs agree in everything but the
 seed; the swept axes alone never decide it. Interrupted and error runs are shown but are no
 evidence: a cell's n_seeds counts the runs that finished (ok, stalled, nonfinite, diverged).
+
+Beside the training outcome, the test-time one: a run that stayed finite serves its test split
+(src/serve.py: batched, left-padded) and records test_status finite / nonfinite, the failing
+sample ids and the cause. A cell that trained finite but whose test pass was non-finite (>= 2/3
+of the seeds that ran it) has its own outcome, TEST_FAILS: "finite in training, non-finite at
+test time".
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import re
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,11 +24,15 @@ import pandas as pd
 
 from src.record import FAILED
 
-from .collect import normalize_results, run_config
+from .collect import json_list, normalize_results, run_config
 from .match import NEVER_COMPARED, get
 
 EVIDENCE = ("ok", "stalled", "nonfinite", "diverged")
 MIN_SEEDS = 3
+TEST_FAILS = "test_fails"
+OUTCOMES = ("ok", "stalls", TEST_FAILS, "fails", "mixed", "none")
+OUTCOME_TEXT = {"ok": "ok", "stalls": "stalls", TEST_FAILS: "finite in training, non-finite at "
+                "test time", "fails": "fails", "mixed": "mixed", "none": "none"}
 
 
 def two_thirds(k: int, n: int) -> bool:
@@ -61,6 +72,17 @@ class Cell:
     module: str | None = None
     phase: str | None = None
     wall_time_s: float = 0.0
+    # the test-time pass (seeds that are evidence; it runs only where training stayed finite)
+    n_test_finite: int = 0
+    n_test_nonfinite: int = 0
+    test_causes: dict[str, int] = field(default_factory=dict)   # non-finite test passes
+    test_failing: dict[str, int] = field(default_factory=dict)  # sample id -> seeds failing it
+    test_pads: dict[str, int] = field(default_factory=dict)     # sample id -> its left padding
+    test_samples: int = 0                     # test samples served (largest over seeds)
+    median_test_nonfinite: float | None = None  # seeds that ran the test pass
+    test_module: str | None = None
+    test_precision: str | None = None
+    test_padding_side: str | None = None
 
     @property
     def n_seeds(self) -> int:
@@ -79,6 +101,38 @@ class Cell:
         if not cause:
             return self.n_failed
         return sum(self.causes.get(c, 0) for c in str(cause).split(" or "))
+
+    @property
+    def n_test_run(self) -> int:
+        return self.n_test_finite + self.n_test_nonfinite
+
+    @property
+    def n_test_not_run(self) -> int:
+        return self.n_seeds - self.n_test_run
+
+    def n_test_failed_with(self, cause: str | None) -> int:
+        """Seeds whose test pass was non-finite with `cause` ("a or b": either)."""
+        if not cause:
+            return self.n_test_nonfinite
+        return sum(self.test_causes.get(c, 0) for c in str(cause).split(" or "))
+
+    @property
+    def trained_finite(self) -> bool:
+        """>= 2/3 of the seeds stayed finite in training (ok or stalled)."""
+        return two_thirds(self.n_finite, self.n_seeds)
+
+    @property
+    def test_fails(self) -> bool:
+        """>= 2/3 of the seeds that ran the test pass were non-finite there."""
+        return two_thirds(self.n_test_nonfinite, self.n_test_run)
+
+    @property
+    def outcome(self) -> str:
+        """The training state, or TEST_FAILS where training stayed finite (ok or stalled,
+        >= 2/3 of seeds) and the test pass was non-finite (>= 2/3 of the seeds that ran it)."""
+        if self.trained_finite and self.test_fails:
+            return TEST_FAILS
+        return self.state
 
     @property
     def enough_seeds(self) -> bool:
@@ -118,14 +172,53 @@ class Cell:
         return text + (f" (+{', '.join(extra)}: not evidence)" if extra else "")
 
     def causes_text(self) -> str:
-        return ", ".join(f"{c} {k}" for c, k in sorted(self.causes.items(),
-                                                        key=lambda kv: (-kv[1], kv[0])))
+        return _by_count(self.causes)
+
+    def test_counts(self) -> str:
+        """'3/3 non-finite at test time' or '1 finite, 1 non-finite at test time of 2 served (1
+        not run)'; 'not run' where no seed served its test split."""
+        if not self.n_test_run:
+            return "test not run"
+        both = [(k, name) for k, name in ((self.n_test_finite, "finite"),
+                                          (self.n_test_nonfinite, "non-finite")) if k]
+        if len(both) == 1 and not self.n_test_not_run:
+            return f"{both[0][0]}/{self.n_seeds} {both[0][1]} at test time"
+        parts = [f"{k} {name}" for k, name in both]
+        return (", ".join(parts) + f" at test time of {self.n_test_run} served"
+                + (f" ({self.n_test_not_run} not run)" if self.n_test_not_run else ""))
+
+    def test_causes_text(self) -> str:
+        return _by_count(self.test_causes)
+
+    def test_ids_text(self, limit: int = 8) -> str:
+        """The failing test samples over the seeds: 'shapes/test/3 (pad 5) x3, ...'."""
+        items = sorted(self.test_failing.items(), key=lambda kv: (-kv[1], _natural(kv[0])))
+        out = [f"{i}" + (f" (pad {self.test_pads[i]})" if i in self.test_pads else "")
+               + f" ×{k}" for i, k in items[:limit]]
+        more = len(items) - limit
+        return ", ".join(out) + (f", +{more} more" if more > 0 else "")
+
+    def test_samples_text(self) -> str:
+        """Median non-finite test samples of the seeds that ran it / samples served."""
+        if not self.n_test_run:
+            return ""
+        k = self.median_test_nonfinite
+        return f"{'-' if k is None else f'{k:g}'}/{self.test_samples}"
 
     def describe(self, vs: dict | None = None) -> str:
         """The settings of this cell that differ from `vs` (another cell's config)."""
         from .match import differing_keys
         keys = differing_keys(vs or {}, self.config) if vs is not None else []
         return " ".join(f"{k}={_short(get(self.config, k))}" for k in keys)
+
+
+def _by_count(d: dict[str, int]) -> str:
+    return ", ".join(f"{c} {k}" for c, k in sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _natural(s: str) -> tuple:
+    """'shapes/test/10' after 'shapes/test/9'."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(s)))
 
 
 def _short(v) -> str:
@@ -180,6 +273,24 @@ def _cell(key: str, runs: list[tuple[dict, dict]]) -> Cell:
         wall_time_s=sum(float(r["wall_time_s"]) for r, _ in runs
                         if not _isnull(r["wall_time_s"])),
     )
+    served = [r for r, _ in runs if r["status"] in EVIDENCE
+              and r.get("test_status") in ("finite", "nonfinite")]
+    bad = [r for r in served if r["test_status"] == "nonfinite"]
+    c.n_test_finite, c.n_test_nonfinite = len(served) - len(bad), len(bad)
+    c.test_causes = dict(Counter(str(r.get("test_cause") or "unknown") for r in bad))
+    failing: Counter = Counter()
+    for r in bad:
+        ids = [str(i) for i in json_list(r.get("test_failing_ids"))]
+        pads = json_list(r.get("test_failing_pads"))
+        failing.update(dict.fromkeys(ids, 1))
+        for i, k in zip(ids, pads):
+            c.test_pads.setdefault(i, int(k))
+    c.test_failing = dict(failing)
+    c.test_samples = max((int(r.get("test_samples") or 0) for r in served), default=0)
+    c.median_test_nonfinite = median(r.get("test_nonfinite") for r in served)
+    c.test_module = _mode(r.get("test_module") for r in bad)
+    c.test_precision = _mode(r.get("test_precision") for r in served)
+    c.test_padding_side = _mode(r.get("test_padding_side") for r in served)
     return c
 
 
@@ -206,14 +317,25 @@ def cells_frame(cells: list[Cell]) -> pd.DataFrame:
             "lr": c.lr, "lr_x": c.lr_x, "n_seeds": c.n_seeds, "n_ok": c.n_ok,
             "n_stalled": c.n_stalled, "n_nonfinite": c.n_nonfinite,
             "n_diverged": c.n_diverged, "n_error": c.n_error,
-            "n_interrupted": c.n_interrupted, "state": c.state, "counts": c.counts(),
+            "n_interrupted": c.n_interrupted, "state": c.state, "outcome": c.outcome,
+            "counts": c.counts(),
             "causes": c.causes_text(), "median_bad_step": c.median_bad_step,
             "median_param_frac": c.median_param_frac, "module": c.module, "phase": c.phase,
             "wall_time_s": c.wall_time_s, "seeds": " ".join(map(str, c.seeds)),
+            "n_test_finite": c.n_test_finite, "n_test_nonfinite": c.n_test_nonfinite,
+            "n_test_not_run": c.n_test_not_run, "test_counts": c.test_counts(),
+            "test_samples": c.test_samples, "median_test_nonfinite": c.median_test_nonfinite,
+            "test_failing": json.dumps(c.test_failing, sort_keys=True),
+            "test_pads": json.dumps(c.test_pads, sort_keys=True),
+            "test_causes": c.test_causes_text(), "test_module": c.test_module,
+            "test_precision": c.test_precision, "test_padding_side": c.test_padding_side,
             "config": json.dumps(c.config, sort_keys=True, default=str),
         })
     cols = ["cell", "stress", "precision", "softmax", "lr", "lr_x", "n_seeds", "n_ok",
             "n_stalled", "n_nonfinite", "n_diverged", "n_error", "n_interrupted", "state",
-            "counts", "causes", "median_bad_step", "median_param_frac", "module", "phase",
-            "wall_time_s", "seeds", "config"]
+            "outcome", "counts", "causes", "median_bad_step", "median_param_frac", "module",
+            "phase", "wall_time_s", "seeds", "n_test_finite", "n_test_nonfinite",
+            "n_test_not_run", "test_counts", "test_samples", "median_test_nonfinite",
+            "test_failing", "test_pads", "test_causes", "test_module", "test_precision",
+            "test_padding_side", "config"]
     return pd.DataFrame(rows, columns=cols)

@@ -1,7 +1,7 @@
 """Records -> the results table: one row per run, every Record field flattened.
 
-`config` (the resolved config) is a JSON string column and `overrides` a JSON list string,
-so results.parquet and results.csv hold the same table and the report can be redone from
+`config` (the resolved config) is a JSON string column, and `overrides`,
+`test_failing_ids` and `test_failing_pads` are JSON list strings, so results.parquet and results.csv hold the same table and the report can be redone from
 either (the notebook does). Duplicate records of one config_hash (a rerun, a requeue): the
 newest non-interrupted one is kept.
 """
@@ -25,18 +25,23 @@ STR_FIELDS = ("precision", "softmax", "stress", "guard", "model", "data", "statu
 FLOAT_FIELDS = ("lr", "lr_x", "ref_lr", "clip", "cause_value", "initial_loss", "final_loss",
                 "best_loss", "max_grad_norm", "max_attn_logit", "train_margin",
                 "nonfinite_grad_frac", "nonfinite_param_frac", "wall_time_s", "steps_per_s",
-                "peak_memory_gb")
+                "peak_memory_gb", "test_wall_s")
 INT_FIELDS = ("warmup_steps", "seed", "attempt", "loss_spikes", "guard_fired", "scaler_skips",
-              "empty_target_steps", "steps_done", "max_steps")
+              "empty_target_steps", "steps_done", "max_steps", "test_samples", "test_nonfinite")
 NULLABLE_INT = ("first_bad_step", "switch_step")
 TEXT_FIELDS = ("phase", "module", "dtype", "cause", "cause_detail", "signal", "error",
-               "run_dir", "torch_version", "transformers_version", "device", "half_gemm")
+               "run_dir", "torch_version", "transformers_version", "device", "half_gemm",
+               "test_status", "test_module", "test_cause", "test_cause_detail",
+               "test_precision", "test_padding_side")
+LIST_FIELDS = ("overrides", "test_failing_ids", "test_failing_pads")   # JSON list strings
 
 
 def _row(rec: Record, path: Path) -> dict:
     row = {f: getattr(rec, f) for f in RECORD_FIELDS}
     row["config"] = json.dumps(rec.config or {}, sort_keys=True, default=str)
     row["overrides"] = json.dumps([str(o) for o in (rec.overrides or [])])
+    row["test_failing_ids"] = json.dumps([str(i) for i in (rec.test_failing_ids or [])])
+    row["test_failing_pads"] = json.dumps([int(k) for k in (rec.test_failing_pads or [])])
     row["record_path"] = str(path)
     row["mtime"] = path.stat().st_mtime
     return row
@@ -128,6 +133,8 @@ def normalize_results(df: pd.DataFrame) -> pd.DataFrame:
         df[c] = df[c].astype(object).where(df[c].notna(), None)
     df["config"] = [_json_text(x, "{}") for x in df["config"]]
     df["overrides"] = [_overrides_text(x) for x in df["overrides"]]
+    for c in LIST_FIELDS[1:]:
+        df[c] = [_json_text(x, "[]") for x in df[c]]
     return df
 
 
@@ -146,8 +153,16 @@ def run_config(row) -> dict:
 
 
 def run_overrides(row) -> list[str]:
-    raw = row["overrides"] if isinstance(row, dict) else row.overrides
-    return json.loads(raw) if isinstance(raw, str) and raw else list(raw or [])
+    return json_list(row["overrides"] if isinstance(row, dict) else row.overrides)
+
+
+def json_list(raw) -> list:
+    """A list column's value (a JSON list string, or a list) as a list."""
+    if isinstance(raw, str):
+        return json.loads(raw) if raw.strip() else []
+    if raw is None or (isinstance(raw, float) and math.isnan(raw)):
+        return []
+    return list(raw.tolist() if hasattr(raw, "tolist") else raw)
 
 
 def load_results(path: str | os.PathLike) -> pd.DataFrame:

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 from .advice import ordered
+from .cells import OUTCOME_TEXT, TEST_FAILS
 from .frontier import Line, fmt_lr
 from .verdicts import Mechanism, Pair
 
@@ -24,8 +25,12 @@ EFFECT_SHORT = {"fixes": "fixes", "delays": "delays", "no_effect": "no effect",
                 "worsens": "worsens", "stalls": "stalls", "mixed": "mixed"}
 PRECISION_COLORS = {"fp32": "#1f77b4", "bf16": "#d62728", "bf16_true": "#ff7f0e",
                     "fp16": "#9467bd", "progressive": "#2ca02c"}
+# finite in training, non-finite at test time: its own colour in every figure
+TEST_FAILS_COLOR = "#e7298a"
+TEST_FAILS_TEXT = OUTCOME_TEXT[TEST_FAILS]
 STATE_COLORS = {"ok": "#1a9850", "stalls": "#9e9ac8", "mixed": "#fdae61",
-                "nonfinite": "#b2182b", "diverged": "#f46d43", "none": "#ffffff"}
+                "nonfinite": "#b2182b", "diverged": "#f46d43", "none": "#ffffff",
+                TEST_FAILS: TEST_FAILS_COLOR}
 
 
 def _figure(w: float, h: float, dpi: int = 110):
@@ -70,7 +75,8 @@ def _pair_text(p: Pair) -> tuple[str, str, str]:
     label = EFFECT_SHORT[p.measured]
     if p.measured == "delays" and p.factor:
         label += f" {p.factor:.1f}x"
-    label += f"\n{c.n_ok}/{c.n_seeds} ok"
+    label += (f"\n{c.n_test_finite}/{c.n_seeds} test ok" if p.at_test
+              else f"\n{c.n_ok}/{c.n_seeds} ok")
     mark = ""
     if p.agreement == "refutes":
         mark = f"refutes\n(pred. {p.predicted})"
@@ -92,6 +98,9 @@ def _row_label(m: Mechanism) -> tuple[str, str]:
     b = m.base
     if b is None:
         head = f"{m.label}\n{m.cause}: baseline not run"
+    elif m.at_test:
+        head = (f"{m.label}\n(judged at test time)\n{m.cause} at test · "
+                f"{b.n_test_failed_with(m.cause)}/{b.n_seeds} failed")
     else:
         step = "-" if b.median_bad_step is None else f"{b.median_bad_step:g}"
         head = (f"{m.label}\n{m.cause} @ step {step} · {b.n_failed}/{b.n_seeds} failed")
@@ -102,8 +111,11 @@ def _row_label(m: Mechanism) -> tuple[str, str]:
 def draw_matrix(mechs: list[Mechanism], path: str | os.PathLike):
     """mechanism x mitigation: colour = measured effect, label = effect + k/n seeds ok;
     a black border and a red "!" where the measurement disagrees with the prediction;
-    hatched where the pair does not count (baseline or positive control failed)."""
-    from matplotlib.patches import Circle, Patch, Rectangle
+    hatched where the pair does not count (baseline or positive control failed); a band in
+    TEST_FAILS_COLOR on the left where the cell was finite in training but non-finite at test
+    time (the baseline's too, by the row label). Rows judged at test time say so, and their
+    label counts seeds served finite."""
+    from matplotlib.patches import Circle, Rectangle
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,11 +124,18 @@ def draw_matrix(mechs: list[Mechanism], path: str | os.PathLike):
         return _empty(path, "no mechanism predictions in these records\n"
                              "(config['stress'] carries none)")
     cw, rh = 0.98, 0.62
-    left, right, top, bottom = 2.55, 0.25, 1.05, 1.3
-    w = left + cw * len(cols) + right
+    left, right = 2.55, 0.25
+    w = max(left + cw * len(cols) + right, 7.0)
+    handles = _matrix_legend()
+    ncol = 3 if w < 9 else 5 if w < 14 else len(handles)
+    subtitle = textwrap.wrap("colour = measured effect vs the mechanism's baseline; label: "
+                             "effect, seeds ok k/n (rows judged at test time: seeds served "
+                             "finite); row: baseline's cause @ median first bad step",
+                             int(w * 17))
+    top = 0.91 + 0.14 * len(subtitle)
+    bottom = 0.96 + 0.17 * -(-len(handles) // ncol)
     h = top + rh * len(mechs) + bottom
-    fig = _figure(max(w, 7.0), h)
-    w = max(w, 7.0)
+    fig = _figure(w, h)
     ax = fig.add_axes((left / w, bottom / h, cw * len(cols) / w, rh * len(mechs) / h))
     ax.set_xlim(0, len(cols))
     ax.set_ylim(len(mechs), 0)
@@ -127,8 +146,16 @@ def draw_matrix(mechs: list[Mechanism], path: str | os.PathLike):
     col = {a: i for i, a in enumerate(cols)}
     for r, m in enumerate(mechs):
         head, note = _row_label(m)
-        ax.text(-0.08, r + 0.5 - (0.1 if note else 0), head, ha="right", va="center",
-                fontsize=7.5, fontweight="bold" if m.counts else "normal")
+        y = r + 0.5 - (0.1 if note else 0)
+        kw = {"ha": "right", "va": "center", "fontsize": 7.5 if not m.at_test else 7,
+              "linespacing": 1.1, "fontweight": "bold" if m.counts else "normal"}
+        if m.base is not None and m.base.outcome == TEST_FAILS:
+            # the baseline's line in the test-time colour: finite in training, not at test
+            *top, last = head.split("\n")
+            ax.text(-0.08, y, "\n".join([*top, ""]), **kw)
+            ax.text(-0.08, y, "\n" * len(top) + last, color=TEST_FAILS_COLOR, **kw)
+        else:
+            ax.text(-0.08, y, head, **kw)
         if note:
             ax.text(-0.08, r + 0.86, note, ha="right", va="center", fontsize=6.3,
                     color="#b2182b", style="italic")
@@ -142,6 +169,9 @@ def draw_matrix(mechs: list[Mechanism], path: str | os.PathLike):
             ax.add_patch(Rectangle((i + 0.03, r + 0.04), 0.94, 0.92, facecolor=fill,
                                    edgecolor="#707070" if dim else "#ffffff", linewidth=0.6,
                                    hatch="////" if dim else None, alpha=0.55 if dim else 1.0))
+            if p.cell is not None and p.cell.outcome == TEST_FAILS:
+                ax.add_patch(Rectangle((i + 0.03, r + 0.04), 0.12, 0.92,
+                                       facecolor=TEST_FAILS_COLOR, edgecolor="none"))
             txt = "black" if _lum(fill) > 0.5 or dim else "white"
             ax.text(i + 0.5, r + (0.36 if mark else 0.5), label, ha="center", va="center",
                     fontsize=7, color=txt, linespacing=1.1)
@@ -174,19 +204,25 @@ def draw_matrix(mechs: list[Mechanism], path: str | os.PathLike):
                 fontsize=6.6, clip_on=False, linespacing=1.15)
     fig.text(0.5, 1 - 0.12 / h, "Which advice fixes which NaN mechanism: measured on the map",
              ha="center", va="top", fontsize=11, fontweight="bold")
-    fig.text(0.5, 1 - 0.38 / h, "colour = measured effect vs the mechanism's baseline; "
-             "label: effect, seeds ok k/n; row: baseline's cause @ median first bad step",
-             ha="center", va="top", fontsize=7.5, color="#333333")
-    handles = [Patch(facecolor=c, edgecolor="#707070", label=EFFECT_SHORT[e])
-               for e, c in EFFECT_COLORS.items()]
-    handles += [Patch(facecolor="#ffffff", edgecolor="black", linewidth=2.2,
-                      label="! disagrees with the prediction"),
-                Patch(facecolor="#bdbdbd", edgecolor="#707070", hatch="////", alpha=0.55,
-                      label="does not count (baseline / positive control failed)")]
-    fig.legend(handles=handles, loc="lower center", ncol=4 if w < 12 else 8, fontsize=7,
-               frameon=False, bbox_to_anchor=(0.5, 0.02))
+    fig.text(0.5, 1 - 0.38 / h, "\n".join(subtitle), ha="center", va="top", fontsize=7.5,
+             color="#333333")
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=7, frameon=False,
+               bbox_to_anchor=(0.5, 0.02))
     fig.savefig(path)
     return fig
+
+
+def _matrix_legend() -> list:
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=c, edgecolor="#707070", label=EFFECT_SHORT[e])
+               for e, c in EFFECT_COLORS.items()]
+    return handles + [
+        Patch(facecolor=TEST_FAILS_COLOR, edgecolor="#707070", label=f"band: {TEST_FAILS_TEXT}"),
+        Patch(facecolor="#ffffff", edgecolor="black", linewidth=2.2,
+              label="! disagrees with the prediction"),
+        Patch(facecolor="#bdbdbd", edgecolor="#707070", hatch="////", alpha=0.55,
+              label="does not count (baseline / positive control failed)")]
 
 
 def draw_frontier(lines: list[Line], path: str | os.PathLike):
@@ -215,9 +251,12 @@ def draw_frontier(lines: list[Line], path: str | os.PathLike):
                                                                                   "o"),
                 ms=4, lw=1.6, color=color, label=ln.label)
         for x, c in ln.points:
+            y = c.n_ok / c.n_seeds + jitter[ln.label]
             if c.n_failed:
-                ax.plot([x], [c.n_ok / c.n_seeds + jitter[ln.label]], marker="x", ms=9,
-                        mew=2, color=color)
+                ax.plot([x], [y], marker="x", ms=9, mew=2, color=color)
+            if c.outcome == TEST_FAILS:
+                ax.plot([x], [y], marker="o", ms=13, mew=2.2, mfc="none",
+                        mec=TEST_FAILS_COLOR, zorder=5)
     ax.set_xscale("log")
     axis = lines[0].axis
     ax.set_xlabel("lr_x (lr / model.ref_lr)" if axis == "lr_x" else "learning rate")
@@ -226,12 +265,17 @@ def draw_frontier(lines: list[Line], path: str | os.PathLike):
     xs = sorted({x for ln in lines for x, _ in ln.points})
     ax.set_xticks(xs)
     ax.set_xticklabels([fmt_lr(x) for x in xs])
+    ax.set_xticks([], minor=True)        # log-axis minor labels (4e-1, ...) only clutter it
     ax.grid(True, which="major", alpha=0.3)
     ax.set_title("Stable-lr frontier of the core map (stress=none)", fontsize=10,
                  fontweight="bold")
     handles, labels = ax.get_legend_handles_labels()
     handles.append(Line2D([], [], marker="x", ms=8, mew=2, color="#333333", lw=0))
     labels.append("some seed failed")
+    if any(ln.test_fails for ln in lines):
+        handles.append(Line2D([], [], marker="o", ms=11, mew=2.2, mfc="none",
+                              mec=TEST_FAILS_COLOR, lw=0))
+        labels.append("finite in training,\nnon-finite at test time")
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.68, 0.5), fontsize=7.5,
                frameon=False, title="precision · softmax", title_fontsize=8)
     fig.savefig(path)

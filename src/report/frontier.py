@@ -6,6 +6,7 @@ lr_x (the lr as a multiple of the model's reference lr; lr where a record has no
     max_ok     largest lr_x at which every seed is ok (finite and trained)
     min_failed smallest lr_x at which any seed went non-finite or diverged
     monotone   False when max_ok >= min_failed (a failure at or below a clean lr)
+    test_fails the lr_x values whose cell was finite in training, non-finite at test time
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from .cells import Cell
+from .cells import TEST_FAILS, Cell
 from .match import differing_keys, get
 
 PRECISION_ORDER = ("fp32", "bf16", "bf16_true", "fp16", "progressive")
@@ -28,7 +29,8 @@ FRONTIER_RULE = (
     "which every seed was ok (finite and trained), `min_failed` the smallest at which any "
     "seed went non-finite or diverged; `monotone` is false when a failure comes at or below "
     "a clean lr_x. lr_x is the lr as a multiple of the model's reference lr (`lr` is used "
-    "where a record has no lr_x).")
+    "where a record has no lr_x). Both are training outcomes; the last column lists the lr_x "
+    "whose cell was finite in training but non-finite at test time (its served test split).")
 
 
 @dataclass
@@ -53,6 +55,10 @@ class Line:
     def min_failed(self) -> float | None:
         bad = [x for x, c in self.points if c.n_failed > 0]
         return min(bad) if bad else None
+
+    @property
+    def test_fails(self) -> list[float]:
+        return [x for x, c in self.points if c.outcome == TEST_FAILS]
 
     @property
     def monotone(self) -> bool:
@@ -109,7 +115,9 @@ def frontier_frame(ls: list[Line]) -> pd.DataFrame:
     rows = [{"precision": ln.precision, "softmax": ln.softmax, "context": ln.context,
              "axis": ln.axis, "values": " ".join(fmt_lr(x) for x, _ in ln.points),
              "max_ok": ln.max_ok, "min_failed": ln.min_failed, "monotone": ln.monotone,
-             "seeds": " ".join(f"{c.n_ok}/{c.n_seeds}" for _, c in ln.points)}
+             "seeds": " ".join(f"{c.n_ok}/{c.n_seeds}" for _, c in ln.points),
+             "test_fails": " ".join(fmt_lr(x) for x in ln.test_fails)}
             for ln in ls]
     return pd.DataFrame(rows, columns=["precision", "softmax", "context", "axis", "values",
-                                       "max_ok", "min_failed", "monotone", "seeds"])
+                                       "max_ok", "min_failed", "monotone", "seeds",
+                                       "test_fails"])

@@ -1,5 +1,5 @@
-"""report.md: summary, the matrix, the rules, per-mechanism tables, per-advice lines,
-the bf16-range claim, the frontier, and the appendix."""
+"""report.md: summary, the matrix, training vs test time, the rules, per-mechanism tables,
+per-advice lines, the bf16-range claim, the frontier, and the appendix."""
 from __future__ import annotations
 
 import math
@@ -8,8 +8,9 @@ import pandas as pd
 
 from src.record import STATUSES
 
-from .cells import Cell
+from .cells import OUTCOME_TEXT, OUTCOMES, TEST_FAILS, Cell
 from .frontier import FRONTIER_RULE, Line, fmt_lr, frontier_frame
+from .match import flatten
 from .summary import AdviceLine, RangePairs
 from .verdicts import RULES, Mechanism, Pair
 
@@ -55,9 +56,13 @@ def _seeds(c: Cell | None) -> str:
         f", {c.n_stalled} stalled" if c.n_stalled else "")
 
 
+def _test_seeds(c: Cell | None) -> str:
+    return "" if c is None else c.test_counts()
+
+
 def mechanism_section(m: Mechanism) -> list[str]:
     b = m.base
-    L = [f"### {m.label}", ""]
+    L = [f"### {m.label}" + (" (judged at test time)" if m.at_test else ""), ""]
     if m.text:
         L += [f"> {m.text}", ""]
     if m.reference:
@@ -65,18 +70,27 @@ def mechanism_section(m: Mechanism) -> list[str]:
     base = f"`{' '.join(m.baseline)}`" if m.baseline else "(none in the records)"
     if b is None:
         L.append(f"- declared cause `{m.cause}`; baseline {base}: **not run**")
+    elif m.at_test:
+        L.append(f"- judged at test time: the run's test pass (its test split served batched, "
+                 f"`serve.*`) must fail, not training; declared cause `{m.cause}`; baseline "
+                 f"{base}: training {b.counts()}; {b.test_counts()}, non-finite test samples "
+                 f"{b.test_samples_text() or '-'} (median), served {b.test_precision or '-'} "
+                 f"with {b.test_padding_side or '-'} padding; failing samples "
+                 f"{b.test_ids_text() or '-'}; test causes {b.test_causes_text() or '-'}; "
+                 f"first in {b.test_module or '-'}")
     else:
         frac = "" if b.median_param_frac is None else (
             f", non-finite parameter fraction {b.median_param_frac:.2f}")
         L.append(f"- declared cause `{m.cause}`; baseline {base}: {b.counts()}; causes "
                  f"{b.causes_text() or '-'}; median first bad step "
-                 f"{_step(b.median_bad_step)}{frac}")
+                 f"{_step(b.median_bad_step)}{frac}; {b.test_counts()}")
     if m.base_status != "counts":
         L.append(f"- **does not count: {m.base_status}**")
     elif m.control:
         fixes = [p.arm for p in m.pairs if p.counts and p.measured == "fixes"
                  and p.predicted == "fixes"]
-        L.append(f"- positive control green: {', '.join(f'`{a}`' for a in fixes)} fixes it")
+        L.append(f"- positive control green: {', '.join(f'`{a}`' for a in fixes)} fixes it"
+                 + (" at test time" if m.at_test else ""))
     else:
         L.append("- **positive control failed**: no prediction of `fixes` was measured as "
                  "fixes; the rows below count nowhere")
@@ -84,19 +98,117 @@ def mechanism_section(m: Mechanism) -> list[str]:
     rows = []
     for p in m.pairs:
         c = p.cell
-        step = "" if c is None else (f"{_step(b.median_bad_step if b else None)} -> "
-                                     f"{_step(c.median_bad_step) if c.n_failed else 'none'}")
         measured = p.measured or ""
         if p.measured and p.detail:
             measured += f" ({p.detail})"
-        rows.append([p.advice, f"`{p.arm}`", p.predicted, measured, _agreement(p),
-                     _seeds(c), step, c.causes_text() if c else "", p.why])
-    L.append(md_table(rows, ["advice", "mitigation", "predicted", "measured", "agreement",
-                             "seeds", "first bad step", "causes", "why (prediction)"]))
+        head = [p.advice, f"`{p.arm}`", p.predicted, measured, _agreement(p)]
+        if m.at_test:
+            rows.append(head + ["" if c is None else c.counts(), _test_seeds(c),
+                                "" if c is None else c.test_samples_text(),
+                                "" if c is None else c.test_ids_text(),
+                                "" if c is None else c.test_causes_text(), p.why])
+            continue
+        step = "" if c is None else (f"{_step(b.median_bad_step if b else None)} -> "
+                                     f"{_step(c.median_bad_step) if c.n_failed else 'none'}")
+        rows.append(head + [_seeds(c), step, c.causes_text() if c else "", _test_seeds(c),
+                            p.why])
+    if m.at_test:
+        L.append(md_table(rows, ["advice", "mitigation", "predicted", "measured (test time)",
+                                 "agreement", "training", "test time",
+                                 "test samples non-finite", "failing samples", "test causes",
+                                 "why (prediction)"]))
+    else:
+        L.append(md_table(rows, ["advice", "mitigation", "predicted", "measured", "agreement",
+                                 "seeds", "first bad step", "causes", "test time",
+                                 "why (prediction)"]))
     if m.others:
         L += [f"{len(m.others)} other cell(s) of {m.name} matched no prediction: "
               + "; ".join(f"{c.describe(b.config) if b else c.key} ({c.counts()})"
                           for c in m.others), ""]
+    return L
+
+
+def _lr(c: Cell) -> str:
+    return f"lr_x={fmt_lr(c.lr_x)}" if c.lr_x is not None else f"lr={fmt_lr(c.lr)}"
+
+
+def _other_settings(cells: list[Cell]):
+    """cell -> its settings that differ from the most common value over all cells (the
+    precision, softmax, lr and the mechanism's own keys are columns of their own)."""
+    from collections import Counter
+
+    skip = ("precision", "softmax", "stress", "lr", "lr_x", "seed")
+    flat = {c.key: {k: v for k, v in flatten(c.config).items()
+                    if k.split(".")[0] not in skip} for c in cells}
+    keys = sorted({k for f in flat.values() for k in f})
+    mode = {k: Counter(repr(f.get(k)) for f in flat.values()).most_common(1)[0][0]
+            for k in keys}
+
+    def other(c: Cell) -> str:
+        f = flat[c.key]
+        return " ".join(f"{k}={f.get(k)}" for k in keys if repr(f.get(k)) != mode[k])
+    return other
+
+
+def training_vs_test_section(df: pd.DataFrame, cells: list[Cell],
+                             mechs: list[Mechanism]) -> list[str]:
+    """Cells finite in training but non-finite at test time, and what removed it."""
+    L = ["## Training vs test time", ""]
+    served = df[df["test_status"].isin(["finite", "nonfinite"])] if len(df) else df
+    if not len(served):
+        return L + [("_No run in these records served its test split (records written before "
+                    "the test-time pass, `serve.enabled=false`, or no run stayed finite)._"), ""]
+    bad = int((served["test_status"] == "nonfinite").sum())
+    finite_cells = [c for c in cells if c.trained_finite]
+    hit = [c for c in cells if c.outcome == TEST_FAILS]
+    L.append(f"A run that stays finite in training serves its test split afterwards "
+             f"(batched, `serve.*`): {len(served)} runs served, {bad} non-finite at test time. "
+             f"**{len(hit)} of the {len(finite_cells)} cells that stayed finite in training "
+             "were non-finite at test time** (at least 2/3 of the seeds that ran the test "
+             "pass):")
+    L.append("")
+    other = _other_settings(cells)
+    role = {}
+    for m in mechs:
+        if m.base is not None:
+            role.setdefault(m.base.key, (m.label, "baseline"))
+        for p in m.pairs:
+            if p.cell is not None:
+                role.setdefault(p.cell.key, (m.label, f"`{p.arm}`"))
+
+    def where(c: Cell) -> list[str]:
+        mech, what = role.get(c.key, (c.stress, other(c) or ""))
+        return [mech, what]
+
+    rows = [[*where(c), c.precision, c.softmax, _lr(c),
+             f"{c.test_precision or '-'}, {c.test_padding_side or '-'} padding", c.counts(),
+             c.test_counts(), c.test_samples_text(), c.test_ids_text(), c.test_causes_text(),
+             c.test_module or ""]
+            for c in sorted(hit, key=lambda c: (c.stress == "none", c.stress,
+                                                role.get(c.key, ("", "~"))[1] != "baseline",
+                                                c.precision, c.softmax,
+                                                c.lr_x if c.lr_x is not None else c.lr))]
+    L.append(md_table(rows, ["stress", "cell (mitigation or other settings)", "precision",
+                             "softmax", "lr", "served", "training", "test time",
+                             "test samples non-finite", "failing samples (left padding) × seeds",
+                             "test cause", "first module"]))
+    judged = [m for m in mechs if m.at_test]
+    if not judged:
+        L += ["No mechanism in these records is judged at test time (`judged_on: test`).", ""]
+        return L
+    L += [("What removed it, from the mechanisms judged at test time (the measured test-time "
+          "effect of each mitigation against the baseline):"), ""]
+    for m in judged:
+        by: dict[str, list[str]] = {}
+        for p in m.pairs:
+            if p.measured is not None:
+                by.setdefault(p.measured, []).append(f"`{p.arm}`")
+        effects = "; ".join(f"{e.replace('_', ' ')}: {', '.join(by[e])}"
+                            for e in ("fixes", "no_effect", "worsens", "mixed") if e in by)
+        effects = effects or "none measured"
+        note = "" if m.counts else f" (does not count: {m.status})"
+        L.append(f"- **{m.label}** (cause `{m.cause}`){note}: {effects}")
+    L.append("")
     return L
 
 
@@ -123,10 +235,12 @@ def frontier_section(ls: list[Line], png: str) -> list[str]:
     L = ["## Stable-lr frontier", "", f"![stable-lr frontier]({png})", "", FRONTIER_RULE, ""]
     fr = frontier_frame(ls)
     rows = [[r.precision, r.softmax, r.context, r.values, fmt_lr(r.max_ok) or "none",
-             fmt_lr(r.min_failed) or "none", "yes" if r.monotone else "**no**", r.seeds]
+             fmt_lr(r.min_failed) or "none", "yes" if r.monotone else "**no**", r.seeds,
+             r.test_fails or "none"]
             for r in fr.itertuples()]
     L.append(md_table(rows, ["precision", "softmax", "other settings", "lr_x tested",
-                             "max_ok", "min_failed", "monotone", "seeds ok per lr_x"]))
+                             "max_ok", "min_failed", "monotone", "seeds ok per lr_x",
+                             "non-finite at test time (lr_x)"]))
     return L
 
 
@@ -134,7 +248,7 @@ def render(df: pd.DataFrame, cells: list[Cell], mechs: list[Mechanism],
            lines: list[AdviceLine], rng: RangePairs, ls: list[Line],
            names: dict[str, str]) -> str:
     runs = df["status"].value_counts()
-    states = pd.Series([c.state for c in cells]).value_counts() if cells else pd.Series()
+    states = pd.Series([c.outcome for c in cells]).value_counts() if cells else pd.Series()
     pairs = [p for m in mechs for p in m.pairs]
     counted = [p for p in pairs if p.counts]
     agree = pd.Series([p.agreement for p in counted]).value_counts() if counted else {}
@@ -145,8 +259,8 @@ def render(df: pd.DataFrame, cells: list[Cell], mechs: list[Mechanism],
              + "; by status: " + ", ".join(f"{s} {int(runs.get(s, 0))}" for s in STATUSES))
     seeds = sorted({c.n_seeds for c in cells})
     L.append(f"- cells: **{len(cells)}** (seeds per cell: {', '.join(map(str, seeds))}); by "
-             "outcome: " + ", ".join(f"{s} {int(states.get(s, 0))}"
-                                     for s in ("ok", "stalls", "fails", "mixed", "none")))
+             "outcome: " + "; ".join(f"{OUTCOME_TEXT[s]} {int(states.get(s, 0))}"
+                                     for s in OUTCOMES))
     L.append(f"- mechanisms: **{len(mechs)}**, {sum(m.counts for m in mechs)} count; "
              f"predictions: {len(pairs)}, {len(counted)} count: "
              + ", ".join(f"{k} {int(agree.get(k, 0))}"
@@ -163,7 +277,11 @@ def render(df: pd.DataFrame, cells: list[Cell], mechs: list[Mechanism],
           ("Rows: mechanisms (the baseline's declared cause and median first bad step); "
           "columns: the advice and the mitigation that tests it. Colour: the measured effect; "
           "label: effect and seeds ok; **!** and a black border: the measurement disagrees "
-          "with the prediction; hatched: does not count."), ""]
+          "with the prediction; hatched: does not count; a pink band on the left (pink text "
+          "for a baseline): that cell was finite in training, non-finite at test time. Rows "
+          "marked \"(judged at test time)\": the effect measured on the test pass (label: "
+          "seeds served finite)."), ""]
+    L += training_vs_test_section(df, cells, mechs)
     L += ["## Verdict rules", "", RULES]
     L += ["## Mechanisms", ""]
     if not mechs:
@@ -181,11 +299,13 @@ def appendix(df: pd.DataFrame, cells: list[Cell], png: str) -> list[str]:
     rows = []
     for c in sorted(cells, key=lambda c: (c.stress, c.precision, c.softmax,
                                           c.lr_x if c.lr_x is not None else c.lr)):
-        lr = f"lr_x={fmt_lr(c.lr_x)}" if c.lr_x is not None else f"lr={fmt_lr(c.lr)}"
-        rows.append([c.key, c.stress, c.precision, c.softmax, lr, c.state, c.counts(),
-                     c.causes_text(), _step(c.median_bad_step), c.module or ""])
+        rows.append([c.key, c.stress, c.precision, c.softmax, _lr(c), OUTCOME_TEXT[c.outcome],
+                     c.counts(), c.causes_text(), _step(c.median_bad_step), c.module or "",
+                     c.test_counts(), c.test_samples_text(), c.test_ids_text(limit=4),
+                     c.test_causes_text()])
     L.append(md_table(rows, ["cell", "stress", "precision", "softmax", "lr", "outcome",
-                             "seeds", "causes", "first bad step", "module"]))
+                             "seeds", "causes", "first bad step", "module", "test time",
+                             "test samples non-finite", "failing samples", "test causes"]))
     for status in ("error", "interrupted"):
         bad = df[df["status"] == status]
         if len(bad):

@@ -10,8 +10,8 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from .cells import Cell, lr_axis
-from .figures import STATE_COLORS, _empty, _figure, _lum
+from .cells import TEST_FAILS, Cell, lr_axis
+from .figures import STATE_COLORS, TEST_FAILS_TEXT, _empty, _figure, _lum
 from .frontier import PRECISION_ORDER, SOFTMAX_ORDER, _order, fmt_lr
 from .match import flatten
 
@@ -53,6 +53,8 @@ def _state(c: Cell) -> tuple[str, str]:
     if n == 0:
         return "#eeeeee", "err" if c.n_error else "int"
     step = "" if c.median_bad_step is None else f" @{c.median_bad_step:g}"
+    if c.outcome == TEST_FAILS:
+        return STATE_COLORS[TEST_FAILS], f"test {c.n_test_nonfinite}/{c.n_test_run}"
     if c.state == "ok":
         return STATE_COLORS["ok"], f"{c.n_ok}/{n} ok"
     if c.state == "stalls":
@@ -118,8 +120,9 @@ def draw_map(cells: list[Cell], path: str | os.PathLike, title: str | None = Non
         grid[-1].append(f)
     head_h = [0.16 * max(titles[f].count("\n") + 1 for f in g) + 0.12 for g in grid]
     row_h = [max(len(rows_of[f]) for f in g) * rh for g in grid]
-    top, bottom, gap_h = 0.75, 0.7, 0.4
+    top, gap_h = 0.75, 0.4
     w = max(max(sum(box_w[f] for f in g) for g in grid) + 0.2, 6.0)
+    bottom = 0.7 if w >= 9 else 0.9          # a narrow figure: the legend in two rows
     h = top + bottom + sum(row_h) + sum(head_h) + gap_h * (len(grid) - 1)
     fig = _figure(w, h)
     y = h - top
@@ -152,14 +155,15 @@ def draw_map(cells: list[Cell], path: str | os.PathLike, title: str | None = Non
     fig.text(0.5, 1 - 0.12 / h, title or "Appendix: every cell of the map", ha="center",
              va="top", fontsize=10, fontweight="bold")
     fig.text(0.5, 1 - 0.36 / h, f"{len(cells)} cells; columns {axis}; label: seeds failed "
-             "k/n @ median first bad step (ok / stalled: seeds ok / stalled)", ha="center",
-             va="top", fontsize=7, color="#333333")
+             "k/n @ median first bad step (ok / stalled: seeds ok / stalled; test: seeds "
+             "non-finite at test time / served)", ha="center", va="top", fontsize=7,
+             color="#333333")
     handles = [Patch(facecolor=STATE_COLORS[s], edgecolor="#707070", label=lab)
                for s, lab in (("ok", "ok (>= 2/3 seeds)"), ("stalls", "finite, not trained"),
-                              ("nonfinite", "non-finite"), ("diverged", "diverged"),
-                              ("mixed", "mixed seeds"))]
-    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=7, frameon=False,
-               bbox_to_anchor=(0.5, 0.01))
+                              (TEST_FAILS, TEST_FAILS_TEXT), ("nonfinite", "non-finite"),
+                              ("diverged", "diverged"), ("mixed", "mixed seeds"))]
+    fig.legend(handles=handles, loc="lower center", ncol=6 if w >= 9 else 3, fontsize=7,
+               frameon=False, bbox_to_anchor=(0.5, 0.01))
     fig.savefig(path)
     return fig
 

@@ -2,7 +2,9 @@
 
 Only pairs that count (baseline failed with its cause, positive control green, acted in
 time, enough seeds) go into "fixes / delays / worsens / out of scope / refuted /
-disagrees"; the rest are listed after "not counted" with the reason.
+disagrees"; the rest are listed after "not counted" with the reason. Mechanisms judged at
+test time (judged_on: test) give a second part, "test time: fixes M / no effect on M / ...",
+by the measured test-time effect: whether the advice changes what serving the model does.
 """
 from __future__ import annotations
 
@@ -11,11 +13,13 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from .advice import ADVICE, advice, ordered, range_facts
-from .cells import Cell
+from .cells import TEST_FAILS, Cell
 from .match import equal_except
 from .verdicts import COUNTS, Mechanism, Pair
 
 BUCKETS = ("fixes", "delays", "worsens", "out of scope for", "refuted on", "disagrees on")
+TEST_BUCKETS = {"fixes": "fixes", "worsens": "worsens", "no_effect": "no effect on",
+                "mixed": "mixed on"}
 
 
 @dataclass
@@ -28,41 +32,76 @@ class AdviceLine:
     buckets: dict[str, list[str]] = field(default_factory=dict)
     not_counted: dict[str, list[str]] = field(default_factory=dict)   # reason -> where
     evidence: str = ""            # monitor: the causes the monitor named
+    test_buckets: dict[str, list[str]] = field(default_factory=dict)  # judged at test time
+    test_not_counted: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def train_line(self) -> str:
+        parts = [f"{b} {', '.join(v)}" for b in BUCKETS if (v := self.buckets.get(b))]
+        if self.not_counted:
+            parts.append(_not_counted(self.not_counted))
+        if self.evidence:
+            parts.insert(0, self.evidence)
+        return "; ".join(parts)
+
+    @property
+    def test_line(self) -> str:
+        """'test time: fixes M (...); no effect on N (...)' from the test-judged mechanisms."""
+        parts = [f"{b} {', '.join(v)}" for b in TEST_BUCKETS.values()
+                 if (v := self.test_buckets.get(b))]
+        if self.test_not_counted:
+            parts.append(_not_counted(self.test_not_counted))
+        return ("test time: " + "; ".join(parts)) if parts else ""
 
     @property
     def line(self) -> str:
-        parts = [f"{b} {', '.join(v)}" for b in BUCKETS if (v := self.buckets.get(b))]
-        if self.not_counted:
-            parts.append("not counted: " + "; ".join(f"{', '.join(v)} ({why})" for why, v
-                                                     in self.not_counted.items()))
-        if self.evidence:
-            parts.insert(0, self.evidence)
-        return "; ".join(parts) if parts else "not tested by the map"
+        """The training-time line, then the test-time one."""
+        train, test = self.train_line, self.test_line
+        if not test:
+            return train or "not tested by the map"
+        return f"{train or 'not tested in training'}. {test[0].upper()}{test[1:]}"
+
+
+def _not_counted(d: dict[str, list[str]]) -> str:
+    return "not counted: " + "; ".join(f"{', '.join(v)} ({why})" for why, v in d.items())
 
 
 def _why_not(p: Pair, m: Mechanism) -> tuple[str, str]:
     """(reason, where) for a pair that does not count; mechanism-wide reasons are short
     (the mechanism's section has the numbers)."""
     if m.base_status != COUNTS:
-        for head in ("baseline did not fail", "too few seeds", "baseline not run"):
+        short = {"baseline did not fail at test time":
+                 "baseline did not fail at test time with its cause",
+                 "baseline did not fail": "baseline did not fail with its cause",
+                 "too few seeds": "too few seeds in the baseline",
+                 "baseline not run": "baseline not run"}
+        for head, why in short.items():
             if m.base_status.startswith(head):
-                return {"baseline did not fail": "baseline did not fail with its cause",
-                        "too few seeds": "too few seeds in the baseline"}.get(head,
-                                                                              head), m.label
+                return why, m.label
         return m.base_status, m.label
     if p.status.startswith("positive control failed"):
         return "positive control failed", m.label
     return p.status, f"{m.label} [{p.arm}]"
 
 
+def _samples(c: Cell) -> str:
+    k = c.median_test_nonfinite
+    return f"{'-' if k is None else f'{k:g}'}/{c.test_samples}"
+
+
 def _numbers(p: Pair, m: Mechanism) -> str:
     b, c = m.base, p.cell
     if c is None or b is None:
         return p.arm
+    if m.at_test:
+        return (f"{p.arm}: {c.n_test_finite}/{c.n_seeds} seeds served finite, non-finite test "
+                f"samples {_samples(b)} -> {_samples(c)}")
     f = "-" if b.median_bad_step is None else f"{b.median_bad_step:g}"
     g = "none" if c.median_bad_step is None else f"{c.median_bad_step:g}"
     k = f", {p.factor:.1f}x" if p.measured == "delays" and p.factor else ""
     k += ", stalls: finite, not trained" if p.measured == "stalls" else ""
+    if c.outcome == TEST_FAILS:
+        k += f"; but non-finite at test time: {c.test_counts().replace(' at test time', '')}"
     return (f"{p.arm}: {c.n_ok}/{c.n_seeds} seeds ok, first bad step {f} -> {g}{k}")
 
 
@@ -89,6 +128,9 @@ def advice_lines(mechs: list[Mechanism], cells: list[Cell]) -> list[AdviceLine]:
         for p, m in pairs:
             if p.advice != id_:
                 continue
+            if m.at_test:
+                _test_item(line, p, m)
+                continue
             b = _bucket(p)
             text = f"{m.label} ({_numbers(p, m)})"
             if b in ("refuted on", "disagrees on"):
@@ -106,18 +148,44 @@ def advice_lines(mechs: list[Mechanism], cells: list[Cell]) -> list[AdviceLine]:
     return out
 
 
+def _test_item(line: AdviceLine, p: Pair, m: Mechanism) -> None:
+    """A test-judged pair into the advice's test-time part, by its measured effect."""
+    if not p.counts:
+        why, where = _why_not(p, m)
+        if where not in line.test_not_counted.setdefault(why, []):
+            line.test_not_counted[why].append(where)
+        return
+    text = _numbers(p, m)
+    if p.agreement in ("refutes", "disagrees"):
+        text += f"; predicted {p.predicted}: {p.agreement}"
+    bucket = TEST_BUCKETS.get(p.measured or "", "mixed on")
+    line.test_buckets.setdefault(bucket, []).append(f"{m.label} ({text})")
+
+
+def _named(counts: list[dict[str, int]], what: str) -> str:
+    total: dict[str, int] = {}
+    for d in counts:
+        for k, n in d.items():
+            total[k] = total.get(k, 0) + n
+    runs = sum(total.values())
+    named = sum(n for k, n in total.items() if k not in ("unknown", "none"))
+    top = ", ".join(f"{k} {n}" for k, n in sorted(total.items(), key=lambda kv: -kv[1]))
+    return f"for {named} of {runs} {what} ({named / runs:.0%}; {top})"
+
+
 def monitor_evidence(cells: list[Cell]) -> str:
     failed = sum(c.n_failed for c in cells)
-    if not failed:
+    served = sum(c.n_test_nonfinite for c in cells)
+    if not failed and not served:
         return "no failing run to name a cause for"
-    causes: dict[str, int] = {}
-    for c in cells:
-        for k, n in c.causes.items():
-            causes[k] = causes.get(k, 0) + n
-    named = sum(n for k, n in causes.items() if k not in ("unknown", "none"))
-    top = ", ".join(f"{k} {n}" for k, n in sorted(causes.items(), key=lambda kv: -kv[1]))
-    return (f"the monitor named a cause for {named} of {failed} failing runs "
-            f"({named / failed:.0%}; {top})")
+    parts = []
+    if failed:
+        parts.append("the monitor named a cause " + _named([c.causes for c in cells],
+                                                           "failing runs"))
+    if served:
+        parts.append(("at test time " if failed else "the monitor named a cause at test time ")
+                     + _named([c.test_causes for c in cells], "non-finite test passes"))
+    return "; ".join(parts)
 
 
 # --- "bf16 has a smaller range than fp32" ---------------------------------------------------
@@ -188,5 +256,16 @@ def pairs_frame(mechs: list[Mechanism]) -> pd.DataFrame:
                 "param_frac": c.median_param_frac if c else None,
                 "causes": c.causes_text() if c else None, "why": p.why,
                 "base_cell": b.key if b else None, "cell": c.key if c else None,
+                "judged_on": m.judged_on,
+                "base_test_seeds_nonfinite": b.n_test_nonfinite if b else None,
+                "base_test_samples_nonfinite": b.median_test_nonfinite if b else None,
+                "base_test_causes": b.test_causes_text() if b else None,
+                "base_test_ids": b.test_ids_text() if b else None,
+                "test_seeds_finite": c.n_test_finite if c else None,
+                "test_seeds_nonfinite": c.n_test_nonfinite if c else None,
+                "test_samples_nonfinite": c.median_test_nonfinite if c else None,
+                "test_samples": c.test_samples if c else None,
+                "test_causes": c.test_causes_text() if c else None,
+                "test_ids": c.test_ids_text() if c else None,
             })
     return pd.DataFrame(rows)

@@ -2,7 +2,11 @@
 
 The predictions come from the records alone: every record of a stressed run carries its
 mechanism's YAML under config["stress"] (cause, baseline, predictions). RULES below is the
-rule set (issue 9), written into report.md as it is applied here.
+rule set (issues 9 and 10), written into report.md as it is applied here.
+
+A mechanism whose YAML says `judged_on: test` (serving_masked_rows) fails in the run's test pass,
+not in training: its baseline and its mitigations are judged on the test-time outcome
+(measure_test), every other rule is the same.
 """
 from __future__ import annotations
 
@@ -16,14 +20,21 @@ EFFECTS = ("fixes", "delays", "no_effect", "worsens")
 MEASURED = (*EFFECTS, "stalls", "mixed")
 DELAY_FACTOR = 1.5
 SPREAD_MARGIN = 0.1
+MORE_SAMPLES = 1          # judged at test time: worsens = median non-finite samples + this
 COUNTS = "counts"
+TEST = "test"             # judged_on: test
 
 RULES = f"""\
 - **Cells.** Runs are pooled into a cell by the record's `cell` (the hash of the resolved
   config without the seed): seeds are only ever pooled with seeds. Interrupted and error runs
   are no evidence. A cell's outcome: its finished seeds, ok (finite *and* trained), stalled
   (finite, not trained), non-finite and diverged counted separately; the causes seen; the
-  median first bad step and median `nonfinite_param_frac` of its failing seeds.
+  median first bad step and median `nonfinite_param_frac` of its failing seeds. Beside it the
+  test-time outcome: a run that stayed finite serves its test split (batched, `serve.*`) and
+  its seeds count as test finite, test non-finite or not run, with the failing sample ids and
+  the cause. A cell with at least 2/3 of its seeds finite in training (ok or stalled) and a
+  non-finite test pass on at least 2/3 of the seeds that ran it is **finite in training,
+  non-finite at test time**.
 - **Pairs.** For mechanism M: the baseline cell matches every baseline override. For a
   prediction, the mitigation cell matches the baseline overrides updated by the prediction's
   (same key replaced, new key added) *and* equals the baseline cell's config everywhere but
@@ -43,6 +54,16 @@ RULES = f"""\
   larger than the baseline's by more than {SPREAD_MARGIN:g}; **no_effect** = it fails otherwise;
   **stalls** = at least 2/3 of its seeds stalled: finite but not trained (not a fix;
   agreement counts it as no_effect); **mixed** = none of these (counts given).
+- **Judged at test time** (`judged_on: test` in the mechanism's YAML): the failure is the run's
+  test pass, not training. The baseline counts only if at least 2/3 of its seeds trained
+  finite *and* their test pass was non-finite with the declared cause. Measured effect:
+  **fixes** = at least 2/3 of the mitigation's seeds trained finite and served their test
+  split finite (ok or stalled alike: the training outcome is not the question here);
+  **worsens** = training itself fails (at least 2/3 of seeds), or more test samples fail
+  (median non-finite test samples above the baseline's by at least {MORE_SAMPLES}); **no_effect**
+  = the test pass is non-finite otherwise (at least 2/3 of seeds); **mixed** = none of these;
+  delays and stalls do not apply. The test pass comes after the last training step, so
+  `acts_at` compares with the baseline's `max_steps`.
 - **Positive control.** A mechanism counts only if at least one prediction with effect
   `fixes` is measured as fixes; otherwise its rows are shown, marked "positive control
   failed", and count nowhere.
@@ -88,6 +109,29 @@ def measure(base: Cell, mit: Cell) -> Measured:
     return Measured("mixed", f"mixed seeds: {mit.counts()}")
 
 
+def _samples(x: float | None) -> str:
+    return "-" if x is None else f"{x:g}"
+
+
+def measure_test(base: Cell, mit: Cell) -> Measured:
+    """Judged at test time (RULES): the mitigation's test-time outcome vs the baseline's."""
+    n = mit.n_seeds
+    if two_thirds(mit.n_test_finite, n):
+        return Measured("fixes", f"{mit.n_test_finite}/{n} seeds trained finite and served "
+                                 f"finite; training {mit.counts()}")
+    if two_thirds(mit.n_failed, n):
+        return Measured("worsens", f"training itself fails: {mit.counts()}")
+    if two_thirds(mit.n_test_nonfinite, n):
+        p, q = base.median_test_nonfinite, mit.median_test_nonfinite
+        samples = (f"non-finite test samples {_samples(p)}/{base.test_samples} -> "
+                   f"{_samples(q)}/{mit.test_samples}")
+        if p is not None and q is not None and q - p >= MORE_SAMPLES:
+            return Measured("worsens", f"more test samples fail: {samples}")
+        return Measured("no_effect", f"non-finite at test time like the baseline: "
+                                     f"{mit.test_counts()}, {samples}")
+    return Measured("mixed", f"mixed seeds: {mit.counts()}; {mit.test_counts()}")
+
+
 def agreement(predicted: str, measured: str) -> str:
     """agrees / refutes / disagrees (see RULES)."""
     as_effect = "no_effect" if measured == "stalls" else measured
@@ -113,6 +157,7 @@ class Pair:
     agreement: str | None = None
     status: str = COUNTS          # COUNTS or why this pair does not count
     n_matches: int = 0            # cells that matched (more than 1: the first is used)
+    at_test: bool = False         # judged at test time (its mechanism's judged_on: test)
 
     @property
     def counts(self) -> bool:
@@ -136,10 +181,27 @@ class Mechanism:
     pairs: list[Pair] = field(default_factory=list)
     others: list[Cell] = field(default_factory=list)  # cells of M no prediction matched
     context: str = ""             # settings of this baseline when M has several
+    judged_on: str = "training"   # or TEST: the run's test pass shows the failure
+
+    @property
+    def at_test(self) -> bool:
+        return self.judged_on == TEST
 
     @property
     def label(self) -> str:
         return self.name + (f" [{self.context}]" if self.context else "")
+
+    @property
+    def fail_step(self) -> float | None:
+        """When the baseline failed: its median first bad step; judged at test time, the end
+        of training (the test pass follows the last step)."""
+        b = self.base
+        if b is None:
+            return None
+        if self.at_test:
+            steps = get(b.config, "max_steps")
+            return None if steps is None else float(steps)
+        return b.median_bad_step
 
     @property
     def counts(self) -> bool:
@@ -187,7 +249,9 @@ def mechanisms(cells: list[Cell]) -> list[Mechanism]:
             cause = " or ".join(cause) if isinstance(cause, list) else str(cause)
             m = Mechanism(name=name, cause=cause, baseline=baseline,
                           text=str(spec.get("mechanism") or ""),
-                          reference=str(spec.get("reference") or ""), base=base)
+                          reference=str(spec.get("reference") or ""), base=base,
+                          judged_on=TEST if str(spec.get("judged_on") or "") == TEST
+                          else "training")
             if base is not None and len(bases) > 1:
                 m.context = base.describe(bases[0].config if base is not bases[0] else
                                           bases[1].config)
@@ -226,6 +290,12 @@ def base_status(m: Mechanism) -> str:
                 else "baseline not run (no cell matches " + " ".join(m.baseline) + ")")
     if not b.enough_seeds:
         return f"too few seeds ({b.n_seeds}) in the baseline"
+    if m.at_test:
+        k = b.n_test_failed_with(m.cause)
+        if not two_thirds(k, b.n_seeds):
+            return (f"baseline did not fail at test time with {m.cause or 'its cause'} "
+                    f"({k}/{b.n_seeds} seeds trained finite and failed the test pass)")
+        return COUNTS
     k = b.n_failed_with(m.cause)
     if not two_thirds(k, b.n_seeds):
         return f"baseline did not fail with {m.cause or 'its cause'} ({k}/{b.n_seeds} seeds)"
@@ -250,20 +320,22 @@ def judge_pair(m: Mechanism, p: Pair) -> None:
     if m.base_status != COUNTS:
         p.status = m.base_status
         return
-    f = base.median_bad_step
+    f = m.fail_step
     if p.acts_at:
         s = get(mit.config, p.acts_at)
         if s is None:
             p.status = f"excluded: {p.acts_at} not in the mitigation's config"
             return
         if f is None or not float(s) < f:
+            when = (f"at test time, after step {_step(f)}" if m.at_test
+                    else f"at step {_step(f)}")
             p.status = (f"excluded: acted at step {_step(float(s))}, after the baseline failed "
-                        f"at step {_step(f)}")
+                        f"{when}")
             return
     if not mit.enough_seeds:
         p.status = f"too few seeds ({mit.n_seeds})"
         return
-    r = measure(base, mit)
+    r = measure_test(base, mit) if m.at_test else measure(base, mit)
     p.measured, p.detail, p.factor = r.effect, r.detail, r.factor
     p.agreement = agreement(p.predicted, r.effect)
 
@@ -275,7 +347,8 @@ def judge_mechanism(m: Mechanism, group: list[Cell], predictions: list[dict]) ->
         overrides = [str(o) for o in spec.get("mitigation") or []]
         p = Pair(mechanism=m.label, advice=str(spec.get("advice") or "?"),
                  mitigation=overrides, predicted=str(spec.get("effect") or "?"),
-                 why=str(spec.get("why") or ""), acts_at=spec.get("acts_at"))
+                 why=str(spec.get("why") or ""), acts_at=spec.get("acts_at"),
+                 at_test=m.at_test)
         found = find_mitigation(m, group, overrides)
         p.n_matches = len(found)
         p.cell = found[0] if found else None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .cells import Cell, build_cells, cells_frame
+from .cells import OUTCOME_TEXT, OUTCOMES, Cell, build_cells, cells_frame
 from .collect import collect, write_results
 from .figures import draw_frontier, draw_matrix
 from .frontier import Line, frontier_frame, lines
@@ -95,9 +95,9 @@ STYLE = {"agrees": "green", "refutes": "bold red", "disagrees": "bold yellow"}
 def print_summary(console, a: Analysis) -> None:
     from rich.table import Table
 
-    states = pd.Series([c.state for c in a.cells]).value_counts()
-    console.print("cells: " + ", ".join(f"{s} {int(states.get(s, 0))}"
-                                        for s in ("ok", "stalls", "fails", "mixed", "none")))
+    states = pd.Series([c.outcome for c in a.cells]).value_counts()
+    console.print("cells: " + "; ".join(f"{OUTCOME_TEXT[s]} {int(states.get(s, 0))}"
+                                        for s in OUTCOMES))
     t = Table(title="Verdicts: prediction vs measurement", show_lines=False)
     for col in ("mechanism", "advice", "mitigation", "predicted", "measured", "agreement"):
         t.add_column(col, overflow="fold")
@@ -109,7 +109,8 @@ def print_summary(console, a: Analysis) -> None:
                 verdict = f"[{STYLE.get(p.agreement, '')}]{p.agreement}[/]"
             else:
                 verdict = f"[dim]{p.agreement} ({p.status})[/]"
-            t.add_row(m.label, p.advice, p.arm, p.predicted, p.measured or "-", verdict)
+            t.add_row(m.label + (" (judged at test time)" if m.at_test else ""), p.advice,
+                      p.arm, p.predicted, p.measured or "-", verdict)
     if a.mechanisms:
         console.print(t)
     else:
