@@ -38,6 +38,10 @@ pid_alive() {       # pid file -> 0 when that process runs
     [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null
 }
 
+mark() {            # remember what this script started (and so stops)
+    grep -qxF "$1" "$DIR/started" 2>/dev/null || echo "$1" >>"$DIR/started"
+}
+
 install_packages() {
     local missing=()
     for tool in slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge; do
@@ -59,7 +63,7 @@ install_packages() {
 write_conf() {
     # slurmd -C: this machine's CPUs and memory as SLURM sees them
     local hw cpus mem
-    hw=$(slurmd -C | head -1)
+    hw=$(slurmd -C 2>/dev/null | head -1 || true)
     cpus=$(sed -n 's/.*CPUs=\([0-9]*\).*/\1/p' <<<"$hw")
     mem=$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$hw")
     [[ -n $cpus && -n $mem ]] || cpus=$(nproc) mem=$(($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024))
@@ -116,14 +120,14 @@ start_munge() {
     munged --force --socket="$DIR/munge/munge.socket" --key-file="$DIR/munge/munge.key" \
         --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/log/munged.log" \
         --seed-file="$DIR/munge/munged.seed" || cannot "munged did not start (see $DIR/log/munged.log)"
-    echo munged >>"$DIR/started"
+    mark munged
 }
 
 wait_for() {        # seconds, description, command...
     local left=$1 what=$2
     shift 2
     until "$@" >/dev/null 2>&1; do
-        ((left-- > 0)) || return 1
+        ((left-- > 0)) || { say "waited in vain for $what"; return 1; }
         sleep 1
     done
 }
@@ -139,23 +143,29 @@ start() {
     fi
     [[ $(id -u) == 0 ]] || cannot "slurmd must run as root (it starts jobs as their user); try sudo"
     mkdir -p "$DIR"/{state,spool,log}
-    : >"$DIR/started"
+    touch "$DIR/started"
     install_packages
-    for port in "$CTLD_PORT" "$SLURMD_PORT"; do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            cannot "port $port is in use (another SLURM?); set NANLAB_SLURMCTLD_PORT / NANLAB_SLURMD_PORT"
-        fi
-    done
-    write_conf
+    if ! pid_alive "$DIR/slurmctld.pid" && ! pid_alive "$DIR/slurmd.pid"; then
+        for port in "$CTLD_PORT" "$SLURMD_PORT"; do
+            if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+                cannot "port $port is in use (another SLURM?); set NANLAB_SLURMCTLD_PORT / NANLAB_SLURMD_PORT"
+            fi
+        done
+        write_conf
+    fi
     export SLURM_CONF=$CONF
     start_munge
     if [[ ! -e $SYSTEM_CONF && -d ${SYSTEM_CONF%/*} ]]; then
-        ln -s "$CONF" "$SYSTEM_CONF" && echo "link $SYSTEM_CONF" >>"$DIR/started"
+        ln -s "$CONF" "$SYSTEM_CONF" && mark "link $SYSTEM_CONF"
     fi
-    slurmctld -c -f "$CONF" || { say "slurmctld failed:"; tail -20 "$DIR/log/slurmctld.log" >&2; stop; exit 1; }
-    echo slurmctld >>"$DIR/started"
-    slurmd -f "$CONF" || { say "slurmd failed:"; tail -20 "$DIR/log/slurmd.log" >&2; stop; exit 1; }
-    echo slurmd >>"$DIR/started"
+    if ! pid_alive "$DIR/slurmctld.pid"; then
+        slurmctld -c -f "$CONF" || { say "slurmctld failed:"; tail -20 "$DIR/log/slurmctld.log" >&2; stop; exit 1; }
+        mark slurmctld
+    fi
+    if ! pid_alive "$DIR/slurmd.pid"; then
+        slurmd -f "$CONF" || { say "slurmd failed:"; tail -20 "$DIR/log/slurmd.log" >&2; stop; exit 1; }
+        mark slurmd
+    fi
     if ! wait_for 30 "the node" node_idle; then
         scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true
         wait_for 15 "the node" node_idle || {
@@ -166,12 +176,12 @@ start() {
 }
 
 stop_pid() {        # name, pid file: stop the process it names, wait until it is gone
-    local name=$1 file=$2 pid i
+    local name=$1 file=$2 pid
     [[ -s $file ]] || return 0
     pid=$(cat "$file")
     if kill -0 "$pid" 2>/dev/null; then
         kill -TERM "$pid" 2>/dev/null || true
-        for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
         kill -0 "$pid" 2>/dev/null && { say "$name ($pid) ignores SIGTERM: SIGKILL"; kill -KILL "$pid" || true; }
     fi
     rm -f "$file"
