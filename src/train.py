@@ -121,6 +121,13 @@ def spec_from_config(cfg: dict, overrides: list[str] | None = None) -> RunSpec:
     """The resolved config (a plain dict) as typed specs, every value checked."""
     top = {"lr", "warmup_steps", "clip", "max_steps", "weight_decay"}
     optim = {k: cfg[k] for k in top if k in cfg}
+    node = dict(cfg.get("optim") or {})  # the optimizer's own switches (conf/config.yaml)
+    allowed = ("name", "eps", "betas", "z_loss")
+    for key in sorted(node):
+        if key not in allowed:
+            where = " (a top-level key: lr=...)" if key in top else ""
+            raise ValueError(f"optim.{key}: unknown key{where}; allowed: {', '.join(allowed)}")
+    optim.update(node)
     lr_x, ref_lr = cfg.get("lr_x"), (cfg.get("model") or {}).get("ref_lr")
     if lr_x is not None:  # the lr as a multiple of the model's reference fine-tuning lr
         if not (isinstance(lr_x, (int, float)) and lr_x > 0):
@@ -170,6 +177,7 @@ def compose_spec(*overrides: str) -> RunSpec:
 
 def check(spec: RunSpec) -> None:
     o = spec.optim
+    o.check()
     rules = [
         (not (isinstance(o.lr, (int, float)) and o.lr > 0 and math.isfinite(o.lr)),
          f"lr={o.lr}: must be a positive number"),
@@ -458,11 +466,26 @@ LAST_STATUS: list[str] = []
 
 def hydra_job(cfg) -> str:
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
+    if _main_thread():
+        # from the job's first line, not only inside run(): submitit ignores SIGTERM until
+        # the task starts, and a time limit in these seconds would leave no record
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _raise_interrupted)
+    try:
+        return _job(cfg, hc, run_dir, overrides)
+    except Interrupted as e:  # before run() took over: still one record, then stop
+        write_record(Record(status="interrupted", signal=str(e), overrides=overrides,
+                            run_dir=str(run_dir)), run_dir)
+        raise SystemExit(128 + e.signum) from None
+
+
+def _job(cfg, hc, run_dir: Path, overrides: list[str]) -> str:
+    from omegaconf import OmegaConf
+
     try:
         plain = OmegaConf.to_container(cfg, resolve=True)
         spec = spec_from_config(plain, overrides)
