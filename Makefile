@@ -22,7 +22,7 @@ REPORT_DIR ?= $(SWEEP_DIR)
 ARGS       ?=
 block_dir   = d=$${b\#$(EXPERIMENT)}; d=$${d\#_}; d=$(SWEEP_DIR)/$${d:-core}
 
-.PHONY: install train test test-fast lint bench sweep sweep-local report wandb-sweep clean
+.PHONY: install train test test-fast lint bench sweep sweep-local report lr-sensitivity wandb-sweep clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -58,8 +58,21 @@ sweep: $(STAMP)  ## the same grid on SLURM through Hydra's submitit launcher
 report: $(STAMP)
 	$(PY) -m src.report $(REPORT_DIR)
 
+lr-sensitivity: $(STAMP)  ## final loss vs lr_x per precision x mitigation (conf/experiment/lr_sensitivity.yaml)
+	$(PY) -m src.train -m experiment=lr_sensitivity $(LOCAL_LAUNCHER) \
+	  hydra.sweep.dir=outputs/sweeps/lr_sensitivity $(OVERRIDES)
+	$(PY) -m src.report outputs/sweeps/lr_sensitivity
+
 wandb-sweep: $(STAMP)  ## create a W&B sweep and start agents (needs the W&B service)
 	bash experiments/wandb/launch.sh $(SWEEP)
 
 clean:
 	rm -rf outputs multirun
+
+# the stable-lr frontier by bisection on log lr_x (conf/experiment/frontier_bisection.yaml):
+# precision x softmax x clip, lr_x in [0.03, 30], 4 steps, 2 seeds; frontier_bisection.json/.csv
+.PHONY: frontier
+frontier: $(STAMP)  ## the largest stable lr_x per combination by bisection, then the report
+	$(PY) -m src.train -m experiment=frontier_bisection $(LOCAL_LAUNCHER) \
+	  hydra.sweep.dir=outputs/sweeps/frontier_bisection $(OVERRIDES)
+	$(PY) -m src.report outputs/sweeps/frontier_bisection

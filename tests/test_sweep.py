@@ -99,8 +99,11 @@ def test_experiment_grid_values_all_compose(name):
     if target.endswith("MechanismSweeper"):  # the map: the core grid + the mechanisms' cells
         from hydra_plugins.nanlab_sweeper.mechanism_sweeper import mechanism_cells
 
-        cells = mechanism_cells(cfg.hydra.sweeper.mechanisms, cfg.hydra.sweeper.seeds)
-        assert grid_size(cfg) == math.prod(len(v) for v in params.values()) + len(cells)
+        sweeper = cfg.hydra.sweeper
+        cells = [] if sweeper.mechanisms == "none" else mechanism_cells(sweeper.mechanisms,
+                                                                        sweeper.seeds)
+        arms = len(sweeper.get("arms") or [[]])
+        assert grid_size(cfg) == math.prod(len(v) for v in params.values()) * arms + len(cells)
     elif "BasicSweeper" in target:
         assert grid_size(cfg) == math.prod(len(v) for v in params.values())
     # every value of every axis composes and passes the specs' checks

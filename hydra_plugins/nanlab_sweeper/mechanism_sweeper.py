@@ -47,18 +47,26 @@ def _merge(base: list[str], extra: list[str]) -> list[str]:
 
 
 class MechanismSweeper(BasicSweeper):
-    def __init__(self, max_batch_size=None, params=None, mechanisms=None, seeds=(0, 1, 2)):
+    """`params`: a grid as the basic sweeper expands it, crossed with `arms` (lists of
+    overrides, e.g. one per mitigation; none: the grid alone); plus the mechanisms' cells
+    (`mechanisms`: all, a list of names, or none)."""
+
+    def __init__(self, max_batch_size=None, params=None, mechanisms=None, seeds=(0, 1, 2),
+                 arms=None):
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.mechanisms = mechanisms
         self.seeds = list(seeds)
+        self.arms = [list(a) for a in arms] if arms else [[]]
 
     def split_arguments(self, overrides, max_batch_size):
         grid = [] if not self.params else [
-            job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+            _merge(list(job), arm) for arm in self.arms
+            for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
         # command-line values that are not sweeps apply to the mechanism cells too
         fixed = [o.input_line for o in overrides if not o.is_sweep_override()
                  and o.input_line is not None]
-        cells = [_merge(fixed, cell) for cell in mechanism_cells(self.mechanisms, self.seeds)]
+        cells = [] if self.mechanisms == "none" else [
+            _merge(fixed, cell) for cell in mechanism_cells(self.mechanisms, self.seeds)]
         jobs = grid + cells
         log.info(f"map: {len(grid)} grid cells + {len(cells)} mechanism cells")
         size = max_batch_size or len(jobs)
