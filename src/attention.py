@@ -16,7 +16,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward, repeat_kv
 
-VARIANTS = ("sdpa", "eager", "naive", "stable", "safe", "softcap", "zeroed", "flash")
+VARIANTS = ("sdpa", "eager", "naive", "stable", "safe", "softcap", "zeroed", "fp32_qk", "flash")
 # How the 4D mask is built: transformers' own (one float-min plane, or sdpa's boolean mask),
 # or the sum of a causal plane and query- and key-padding planes of float-min, which is
 # -inf wherever two planes meet (stress=masked_rows, grad_poison).
@@ -124,6 +124,21 @@ def _zeroed(module, query, key, value, attention_mask, scaling, dropout=0.0, **k
     return _finish(module, weights, value, dropout)
 
 
+def _fp32_qk(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """q.k in fp32 (the approach of transformers PR 33317, and diffusers' `upcast_attention`,
+    PR 1590): q and k upcast to fp32 with autocast off, so the scores, the additive mask and
+    the (max-subtracted) softmax are fp32; only the weights are cast to the value dtype for
+    the weights x values product. `eager` differs: its q.k runs in the compute dtype (fp16
+    under fp16 autocast, where a dot product past 65,504 is inf before the fp32 softmax)."""
+    with torch.autocast(query.device.type, enabled=False):
+        k = repeat_kv(key, module.num_key_value_groups).float()
+        scores = torch.matmul(query.float(), k.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask[:, :, :, : k.shape[-2]].float()
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    return _finish(module, weights.to(value.dtype), value, dropout)
+
+
 def summed_planes_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
                        mask_function=None, attention_mask=None, dtype=torch.float32,
                        device="cpu", **kwargs):
@@ -160,6 +175,7 @@ def attention_function(spec: SoftmaxSpec) -> Callable:
         "safe": _variant(lambda s, m: safe_softmax(s, _masked(m))),
         "softcap": _variant(_softcap(spec.cap)),
         "zeroed": _zeroed,
+        "fp32_qk": _fp32_qk,
     }[spec.name]
 
 

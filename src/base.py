@@ -22,11 +22,19 @@ BASE_LR = 1e-3
 BASE_BATCH = 8
 
 
+# Architecture options that are off by default: in the key only when on, so adding one
+# keeps the key (and the cached base) of every model without it.
+ARCH_OPTIONS = ("qk_norm",)
+
+
 def base_key(spec) -> str:
-    """Everything that changes the base: the architecture sizes and the pretraining steps."""
+    """Everything that changes the base: the architecture (sizes, qk_norm) and the
+    pretraining steps."""
     sizes = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
              if f.name not in ("name", "path", "init", "ref_lr", "freeze_vision",
-                               "freeze_merger", "freeze_llm", "vision_lr", "lora")}
+                               "freeze_merger", "freeze_llm", "vision_lr", "lora",
+                               *ARCH_OPTIONS)}
+    sizes.update({k: True for k in ARCH_OPTIONS if getattr(spec, k, False)})
     blob = json.dumps({"sizes": sizes, "seed": BASE_SEED, "lr": BASE_LR,
                        "batch": BASE_BATCH}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
@@ -38,10 +46,12 @@ def base_dir(spec) -> Path:
 
 
 def load_base(spec):
-    """The cached base (built first if missing), in fp32."""
+    """The cached base (built first if missing), in fp32; with qk-norm, built with the norms
+    and loaded from the saved tensors (model.load_checkpoint)."""
     from filelock import FileLock
-    from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
+
+    from .model import load_checkpoint
 
     hf_logging.disable_progress_bar()
     target = base_dir(spec)
@@ -49,16 +59,16 @@ def load_base(spec):
     with FileLock(str(target) + ".lock"):
         if not (target / "config.json").exists():
             build_base(spec, target)
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        str(target), local_files_only=True, dtype=torch.float32)
+    return load_checkpoint(target)
 
 
 def build_base(spec, target: Path, log=print) -> dict:
-    """Pretrain the tiny model on captions in fp32 and save it (save_pretrained)."""
+    """Pretrain the tiny model on captions in fp32 and save it (save_pretrained; the qk-norm
+    weights are children of the attention modules, so they are saved with it)."""
     from transformers import Qwen2_5_VLForConditionalGeneration, get_cosine_schedule_with_warmup
 
     from .data import Collator, DataSpec, shapes_splits
-    from .model import tiny_config
+    from .model import apply_qk_norm, tiny_config
     from .module import supervised_loss
     from .processing import load_processor
 
@@ -74,6 +84,8 @@ def build_base(spec, target: Path, log=print) -> dict:
     samples = shapes_splits(data, BASE_SEED)["train"]
     collate = Collator(processor)
     model = Qwen2_5_VLForConditionalGeneration(tiny_config(spec))
+    if getattr(spec, "qk_norm", False):
+        apply_qk_norm(model)
     model.set_attn_implementation("sdpa")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=BASE_LR, foreach=True)
@@ -97,7 +109,8 @@ def build_base(spec, target: Path, log=print) -> dict:
     model.save_pretrained(str(tmp))
     info = {"steps": spec.base_steps, "first_loss": losses[0], "last_loss": losses[-1],
             "seconds": round(time.time() - started, 1), "task": "caption", "lr": BASE_LR,
-            "batch": BASE_BATCH, "seed": BASE_SEED}
+            "batch": BASE_BATCH, "seed": BASE_SEED,
+            "qk_norm": bool(getattr(spec, "qk_norm", False))}
     (tmp / "nanlab_base.json").write_text(json.dumps(info, indent=2))
     tmp.rename(target)
     torch.set_num_threads(threads)
