@@ -1,0 +1,463 @@
+"""The stable-lr frontier by bisection: the largest stable lr per combination, on a log scale.
+
+A dense grid spends most of its runs far from the frontier. This sweeper looks for it
+directly: for every combination of `params` (precision x softmax x mitigation, expanded as
+Hydra's basic sweeper expands them, command-line sweeps included) it bisects `key` (`lr_x`)
+on a log scale between `lo` and `hi`:
+
+* round 0 runs both ends. `lo` not stable: the frontier lies below the range (`below_range`,
+  nothing more is run for it); `hi` stable: above the range (`above_range`);
+* every further round runs the log-midpoint of the bracket [largest stable, smallest
+  unstable] and halves it, `steps` times. The bracket then spans one step of a log grid of
+  2^steps + 1 points from `lo` to `hi` (every probe is a point of that grid), and its lower
+  end is the largest stable value found.
+
+A point is *stable* when the run of every seed in `seeds` ends with a status in `stable_if`
+(default `[ok]`: finite AND trained). So `stalled` (finite, but the loss did not fall by the
+record's train margin) counts as NOT stable, as do `nonfinite`, `diverged`, and also `error` and
+`interrupted` (a failed probe is not evidence of stability); `stable_if: [ok, stalled]` asks
+for finiteness alone. One failing seed makes the point unstable.
+
+Each round is one batch through the configured launcher: the probe of every combination still
+open, times the seeds, so joblib / submitit / SLURM run them side by side. Every probe is an
+ordinary run of the entry point (`key=<value> seed=<s>` added to the combination's overrides)
+with its own `record.json`, so `python -m src.report` reads them like any other sweep. A probe
+whose record already exists in the sweep dir is skipped by src.train (`skipped`); its status is
+then read from that record, so running the same sweep again costs no training and gives the
+same frontier (`force=true` reruns everything).
+
+At the end `<sweep dir>/frontier_bisection.json` and `.csv` give per combination the bracket,
+the largest stable value, the probes with their statuses and record paths, the runs used and
+the runs a dense grid of the same resolution would take ((2^steps + 1) points x seeds), and one
+line per combination is printed. The progress callback (src/sweep.py) shows no total for this
+sweeper: how many runs it takes depends on what the runs do (at most (2 + steps) x seeds per
+combination).
+
+The search itself (`Bisection`, `bisect`, `bisect_all`) is plain Python, tested with a fake
+oracle in tests/test_bisection.py; Hydra plugins are imported on discovery, so nothing heavy is
+imported at module level.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.plugins.sweeper import Sweeper
+
+log = logging.getLogger(__name__)
+STABLE_IF = ("ok",)
+OUT_NAME = "frontier_bisection"
+
+# outcome of one combination's search
+OPEN, BRACKETED, BELOW, ABOVE = "open", "bracketed", "below_range", "above_range"
+
+
+def fmt(x: float) -> str:
+    """The shortest decimal that reads back as x (30.0 -> '30', 0.9487 -> '0.9487'), so that
+    a probe's override matches the same value written by hand in another sweep."""
+    x = float(x)
+    return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
+
+
+def grid_value(lo: float, hi: float, index: int, steps: int, digits: int = 4) -> float:
+    """Point `index` of the log grid of 2^steps + 1 points from lo to hi; the ends exactly,
+    the inner points to `digits` significant digits."""
+    n = 2 ** steps
+    if index <= 0:
+        return float(lo)
+    if index >= n:
+        return float(hi)
+    return float(format(lo * (hi / lo) ** (index / n), f".{digits}g"))
+
+
+def dense_runs(steps: int, n_seeds: int) -> int:
+    """Runs of a dense log grid at the resolution of `steps` bisection steps."""
+    return (2 ** steps + 1) * n_seeds
+
+
+def is_stable(statuses: Iterable[str], stable_if: Sequence[str] = STABLE_IF) -> bool:
+    """Every seed's status is in `stable_if` (and there is at least one)."""
+    statuses = list(statuses)
+    return bool(statuses) and all(s in stable_if for s in statuses)
+
+
+class Bisection:
+    """One combination's search over grid indices 0 .. 2^steps (see `grid_value`).
+
+    `pending()` says which points to run next (both ends first, then one midpoint a round);
+    `observe(index, {seed: status})` feeds the statuses back. (A plain class, not a
+    dataclass: Hydra's plugin scan executes this module outside sys.modules, where
+    dataclasses cannot resolve string annotations.)"""
+
+    def __init__(self, lo: float, hi: float, steps: int, seeds: Sequence = (0,),
+                 stable_if: Sequence[str] = STABLE_IF, digits: int = 4) -> None:
+        if not (lo > 0 and hi > lo):
+            raise ValueError(f"bisection range lo={lo}, hi={hi}: need 0 < lo < hi")
+        if steps < 0:
+            raise ValueError(f"bisection steps={steps}: need >= 0")
+        if not seeds:
+            raise ValueError("bisection seeds: need at least one")
+        self.lo, self.hi, self.steps = float(lo), float(hi), int(steps)
+        self.seeds = tuple(seeds)
+        self.stable_if = tuple(stable_if)
+        self.digits = int(digits)
+        self.points: dict[int, dict] = {}   # grid index -> {seed: status}
+        self.i_lo: int | None = None        # largest index known stable
+        self.i_hi: int | None = None        # smallest index known unstable
+        self.outcome = OPEN
+
+    @property
+    def n(self) -> int:
+        return 2 ** self.steps
+
+    @property
+    def done(self) -> bool:
+        return self.outcome != OPEN
+
+    def value(self, index: int) -> float:
+        return grid_value(self.lo, self.hi, index, self.steps, self.digits)
+
+    def stable(self, index: int) -> bool:
+        return is_stable(self.points[index].values(), self.stable_if)
+
+    def pending(self) -> list[int]:
+        if self.done:
+            return []
+        ends = [i for i in (0, self.n) if i not in self.points]
+        if ends:
+            return ends
+        return [(self.i_lo + self.i_hi) // 2]
+
+    def observe(self, index: int, statuses: dict) -> None:
+        """Statuses of one point, by seed; a seed without one counts as `error`."""
+        if self.done or index not in self.pending():
+            raise ValueError(f"point {index} was not asked for (pending: {self.pending()})")
+        self.points[index] = {s: statuses.get(s, "error") for s in self.seeds}
+        if self.i_hi is None:                  # round 0: wait for both ends
+            if 0 not in self.points or self.n not in self.points:
+                return
+            if not self.stable(0):
+                self.outcome, self.i_hi = BELOW, 0
+            elif self.stable(self.n):
+                self.outcome, self.i_lo = ABOVE, self.n
+            else:
+                self.i_lo, self.i_hi = 0, self.n
+        elif self.stable(index):
+            self.i_lo = index
+        else:
+            self.i_hi = index
+        if self.outcome == OPEN and self.i_hi - self.i_lo <= 1:
+            self.outcome = BRACKETED
+
+    @property
+    def largest_stable(self) -> float | None:
+        return None if self.i_lo is None else self.value(self.i_lo)
+
+    @property
+    def smallest_unstable(self) -> float | None:
+        return None if self.i_hi is None else self.value(self.i_hi)
+
+    @property
+    def runs(self) -> int:
+        return sum(len(v) for v in self.points.values())
+
+    def result(self) -> dict:
+        lo, hi = self.largest_stable, self.smallest_unstable
+        return {
+            "outcome": self.outcome,
+            "largest_stable": lo,
+            "smallest_unstable": hi,
+            "bracket": [lo, hi],
+            "bracket_ratio": hi / lo if lo and hi else None,
+            "points": len(self.points),
+            "runs": self.runs,
+            "dense_runs": dense_runs(self.steps, len(self.seeds)),
+            "probes": [{"value": self.value(i), "index": i, "stable": self.stable(i),
+                        "statuses": {str(s): st for s, st in by_seed.items()}}
+                       for i, by_seed in sorted(self.points.items())],
+        }
+
+
+Evaluate = Callable[[list[tuple[int, float, Any]]], list[str]]
+
+
+def bisect_all(searches: list[Bisection], evaluate: Evaluate,
+               on_round: Callable[[int, int, int], None] | None = None) -> int:
+    """Runs the searches in lockstep: each round, the pending points of every open search,
+    times its seeds, go to `evaluate` as one batch of (search number, value, seed), which
+    returns one status each. Returns the number of rounds."""
+    rounds = 0
+    while True:
+        asked = [(k, i, s) for k, b in enumerate(searches) for i in b.pending() for s in b.seeds]
+        if not asked:
+            return rounds
+        if on_round is not None:
+            on_round(rounds, len(asked), sum(not b.done for b in searches))
+        statuses = evaluate([(k, searches[k].value(i), s) for k, i, s in asked])
+        if len(statuses) != len(asked):
+            raise RuntimeError(f"evaluate returned {len(statuses)} statuses for {len(asked)} runs")
+        grouped: dict[tuple[int, int], dict] = {}
+        for (k, i, s), status in zip(asked, statuses):
+            grouped.setdefault((k, i), {})[s] = status
+        for (k, i), by_seed in grouped.items():
+            searches[k].observe(i, by_seed)
+        rounds += 1
+
+
+def bisect(oracle: Callable[[float, Any], str], lo: float, hi: float, steps: int,
+           seeds: Sequence = (0,), stable_if: Sequence[str] = STABLE_IF,
+           digits: int = 4) -> dict:
+    """One combination's search with `oracle(value, seed) -> status` (a test's stand-in for
+    a run); the result as in frontier_bisection.json, plus `rounds`."""
+    search = Bisection(lo, hi, steps, tuple(seeds), tuple(stable_if), digits)
+    rounds = bisect_all([search], lambda batch: [oracle(x, s) for _, x, s in batch])
+    return {**search.result(), "rounds": rounds}
+
+
+def summary_line(label: str, key: str, result: dict) -> str:
+    lo, hi = result["largest_stable"], result["smallest_unstable"]
+    if result["outcome"] == BELOW:
+        where = f"unstable already at {key}={fmt(hi)} (frontier below the range)"
+    elif result["outcome"] == ABOVE:
+        where = f"stable up to {key}={fmt(lo)} (frontier above the range)"
+    else:
+        where = f"largest stable {key}={fmt(lo)}, unstable at {fmt(hi)}"
+    share = result["runs"] / result["dense_runs"]
+    return (f"frontier {label}: {where} │ {result['runs']} runs vs {result['dense_runs']} "
+            f"dense ({share:.0%})")
+
+
+class BisectionSweeper(Sweeper):
+    """`hydra/sweeper=bisection` (conf/hydra/sweeper/bisection.yaml); see the module doc."""
+
+    def __init__(self, params: dict | None = None, key: str = "lr_x", lo: float = 0.03,
+                 hi: float = 30.0, steps: int = 4, seeds: Sequence = (0,),
+                 stable_if: Sequence[str] = STABLE_IF, digits: int = 4,
+                 max_batch_size: int | None = None) -> None:
+        super().__init__()
+        self.params = dict(params or {})
+        self.key = str(key)
+        self.lo, self.hi, self.steps = float(lo), float(hi), int(steps)
+        self.seeds = list(seeds)
+        self.stable_if = tuple(stable_if)
+        self.digits = int(digits)
+        self.max_batch_size = max_batch_size
+        Bisection(self.lo, self.hi, self.steps, tuple(self.seeds))    # checks the settings
+        self.hydra_context = None
+        self.config = None
+        self.launcher = None
+        self.job_idx = 0
+        self.searches: list[Bisection] = []
+        self.combinations: list[list[str]] = []
+        self.probes: dict[tuple[int, float, Any], dict] = {}   # (search, value, seed) -> run
+
+    def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.hydra_context = hydra_context
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    # --- the combinations ---------------------------------------------------------------
+
+    def split_combinations(self, arguments: list[str]) -> tuple[list[list[str]], list[str]]:
+        """`params` and the command line, expanded as the basic sweeper does; and the keys
+        that vary (params' keys and command-line sweeps), which name a combination."""
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.errors import HydraException
+
+        lines = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
+        loader = self.hydra_context.config_loader if self.hydra_context else None
+        overrides = OverridesParser.create(config_loader=loader).parse_overrides(lines)
+        for o in overrides:
+            if o.get_key_element().lstrip("+~") in (self.key, "seed"):
+                raise HydraException(
+                    f"{o.input_line}: the bisection sweeper sets {self.key} and seed itself "
+                    f"(hydra.sweeper.lo/hi/steps/seeds); leave them out of params and the "
+                    f"command line")
+        axes = [o.get_key_element() for o in overrides
+                if o.is_sweep_override() or o.get_key_element() in self.params]
+        return BasicSweeper.split_arguments(overrides, None)[0], axes
+
+    # --- the sweep ----------------------------------------------------------------------
+
+    def sweep(self, arguments: list[str]) -> Any:
+        from omegaconf import OmegaConf
+
+        assert self.config is not None and self.launcher is not None
+        self.combinations, axes = self.split_combinations(arguments)
+        self.searches = [Bisection(self.lo, self.hi, self.steps, tuple(self.seeds),
+                                   self.stable_if, self.digits) for _ in self.combinations]
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        log.info(f"bisection of {self.key} in [{fmt(self.lo)}, {fmt(self.hi)}], {self.steps} "
+                 f"steps, seeds {self.seeds}: {len(self.combinations)} combinations")
+        returns: list = []
+
+        def evaluate(batch: list[tuple[int, float, Any]]) -> list[str]:
+            jobs = [[*self.combinations[k], f"{self.key}={fmt(x)}", f"seed={s}"]
+                    for k, x, s in batch]
+            self.validate_batch_is_legal(jobs)
+            size = self.max_batch_size or len(jobs)
+            results = []
+            for start in range(0, len(jobs), size):
+                chunk = jobs[start:start + size]
+                self.job_idx = free_job_idx(sweep_dir, chunk, self.job_idx)
+                got = self.launcher.launch(chunk, initial_job_idx=self.job_idx)
+                self.job_idx += len(chunk)
+                results += list(got)
+                returns.append(got)
+            statuses = []
+            for probe, result in zip(batch, results):
+                status, record = self._outcome(result, sweep_dir)
+                self.probes[probe] = {"status": status, "record": record}
+                statuses.append(status)
+            return statuses
+
+        def on_round(number: int, runs: int, still_open: int) -> None:
+            log.info(f"bisection round {number}: {runs} runs for {still_open} combinations")
+
+        rounds = bisect_all(self.searches, evaluate, on_round)
+        self.write(sweep_dir, axes, rounds)
+        return returns
+
+    def _outcome(self, result: Any, sweep_dir: Path) -> tuple[str, str | None]:
+        """A probe's status and its record: the job's return value (src.train.hydra_job
+        returns the record's status), or for a probe done earlier (`skipped`) the status of
+        the record it found; a job that raised is an `error`."""
+        from hydra.core.utils import JobStatus
+
+        run_dir = _output_dir(result)
+        record = str(Path(run_dir) / "record.json") if run_dir else None
+        if getattr(result, "status", None) == JobStatus.FAILED:
+            log.warning(f"probe {run_dir} failed: {getattr(result, '_return_value', '')}")
+            return "error", record
+        value = getattr(result, "_return_value", None)
+        if value == "skipped":
+            return self._done_status(result, sweep_dir)
+        if not isinstance(value, str):
+            return "error", record
+        return value, record
+
+    @staticmethod
+    def _done_status(result: Any, sweep_dir: Path) -> tuple[str, str | None]:
+        from omegaconf import OmegaConf
+
+        from src.record import read_record
+        from src.train import config_hash, find_done
+
+        try:
+            plain = OmegaConf.to_container(result.cfg, resolve=True)
+            path = find_done(sweep_dir, config_hash(plain))
+        except Exception as e:  # noqa: BLE001 - an unreadable probe is an error, not a crash
+            log.warning(f"skipped probe {_output_dir(result)}: {e}")
+            path = None
+        if path is None:
+            return "error", None
+        return read_record(path).status, str(path)
+
+    # --- the outputs --------------------------------------------------------------------
+
+    def results(self, axes: list[str], sweep_dir: Path) -> list[dict]:
+        """Per combination: its overrides, its axes' values, the search's result, and each
+        probe's records (relative to the sweep dir where they lie in it)."""
+        out = []
+        for k, (combo, search) in enumerate(zip(self.combinations, self.searches)):
+            named = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in combo}
+            label = " ".join(f"{a}={named[a]}" for a in axes if a in named) or "(all)"
+            result = search.result()
+            for probe in result["probes"]:
+                for seed in search.seeds:
+                    run = self.probes.get((k, probe["value"], seed), {})
+                    probe.setdefault("records", {})[str(seed)] = _relative(run.get("record"),
+                                                                           sweep_dir)
+            out.append({"combination": label, "overrides": list(combo),
+                        **{a: named.get(a) for a in axes}, **result})
+        return out
+
+    def write(self, sweep_dir: Path, axes: list[str], rounds: int) -> dict:
+        results = self.results(axes, sweep_dir)
+        total = sum(r["runs"] for r in results)
+        dense = sum(r["dense_runs"] for r in results)
+        doc = {"key": self.key, "lo": self.lo, "hi": self.hi, "steps": self.steps,
+               "seeds": self.seeds, "stable_if": list(self.stable_if),
+               "resolution": (self.hi / self.lo) ** (1 / 2 ** self.steps),
+               "rounds": rounds, "runs": total, "dense_runs": dense,
+               "dense_grid": f"(2^{self.steps} + 1) points x {len(self.seeds)} seeds "
+                             f"per combination",
+               "combinations": results}
+        _write_atomic(sweep_dir / f"{OUT_NAME}.json", json.dumps(doc, indent=2))
+        columns = ["combination", *axes, "outcome", "largest_stable", "smallest_unstable",
+                   "bracket_ratio", "points", "runs", "dense_runs"]
+        tmp = sweep_dir / f".{OUT_NAME}.csv.{os.getpid()}.tmp"
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            for r in results:
+                writer.writerow({c: "" if r.get(c) is None else r.get(c) for c in columns})
+        os.replace(tmp, sweep_dir / f"{OUT_NAME}.csv")
+        for r in results:
+            print(summary_line(r["combination"], self.key, r), flush=True)
+        share = f" ({total / dense:.0%})" if dense else ""
+        print(f"bisection: {len(results)} combination{'s' * (len(results) != 1)}, {total} runs in {rounds} rounds vs "
+              f"{dense} for a dense grid of the same resolution{share}: "
+              f"{sweep_dir / OUT_NAME}.json", flush=True)
+        return doc
+
+
+def free_job_idx(sweep_dir: Path, jobs: list[list[str]], start: int) -> int:
+    """The first job number for `jobs`: `start`, unless a run dir `<sweep dir>/<num>` it
+    would use holds the record of another run (a rerun whose searches went another way, e.g.
+    after an `error` probe was redone, or other lo/hi/steps); then past the highest numbered
+    dir, so that no record is overwritten. The same sweep run again reuses its own dirs."""
+    for i, job in enumerate(jobs):
+        path = sweep_dir / str(start + i) / "record.json"
+        try:
+            overrides = json.loads(path.read_text()).get("overrides") or []
+        except (OSError, ValueError, AttributeError):
+            continue
+        if sorted(overrides) != sorted(job):
+            numbered = [int(p.name) for p in sweep_dir.iterdir() if p.name.isdigit()]
+            return max([start - 1, *numbered]) + 1
+    return start
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+
+def _output_dir(result: Any) -> str | None:
+    """A job's output dir (its record's folder): hydra.runtime.output_dir of its hydra config
+    (the whole config from Hydra's launchers, the hydra node alone from src.sweep's SLURM
+    collector, which also sets working_dir to it)."""
+    from omegaconf import OmegaConf
+
+    cfg = getattr(result, "hydra_cfg", None)
+    for key in ("hydra.runtime.output_dir", "runtime.output_dir"):
+        try:
+            value = OmegaConf.select(cfg, key, default=None) if cfg is not None else None
+        except Exception:  # noqa: BLE001, S112 - not a config: try the next
+            continue
+        if value:
+            return str(value)
+    return getattr(result, "working_dir", None)
+
+
+def _relative(path: str | None, root: Path) -> str | None:
+    if not path:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return path
