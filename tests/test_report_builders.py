@@ -112,9 +112,12 @@ def served_fields(cfg: dict, status: str, test: dict | bool | None) -> dict:
 def run(root: Path, config: dict, seed: int, status: str, step: int | None = None,
         cause: str | None = None, param_frac: float | None = None,
         test: dict | bool | None = None, **kw) -> Path:
-    """One run's record (a run dir under root named by its config hash)."""
+    """One run's record (a run dir under root named by its config hash); initial_loss and
+    final_loss may be given (default 3.0, and 1.0 for ok, 2.9 otherwise)."""
     cfg = {**copy.deepcopy(config), "seed": seed}
     kw = {**served_fields(cfg, status, test), **kw}
+    initial = kw.pop("initial_loss", 3.0)
+    final = kw.pop("final_loss", 1.0 if status == "ok" else 2.9)
     h = _hash(cfg)
     failed = status in ("nonfinite", "diverged")
     ref = cfg["model"].get("ref_lr")
@@ -128,8 +131,8 @@ def run(root: Path, config: dict, seed: int, status: str, step: int | None = Non
         first_bad_step=step if failed else None, cause=cause if failed else None,
         phase="forward" if status == "nonfinite" else None,
         module="model.layers.0.self_attn" if status == "nonfinite" else None,
-        nonfinite_param_frac=param_frac, initial_loss=3.0,
-        final_loss=1.0 if status == "ok" else 2.9, steps_done=step or cfg["max_steps"],
+        nonfinite_param_frac=param_frac, initial_loss=initial, final_loss=final,
+        steps_done=step or cfg["max_steps"],
         max_steps=cfg["max_steps"], wall_time_s=1.0, config_hash=h, cell=cell_hash(cfg),
         config=cfg, overrides=[f"seed={seed}"], train_margin=0.1,
         switch_step=(cfg["precision"]["switch_step"]

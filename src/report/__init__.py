@@ -15,10 +15,12 @@ on a laptop in seconds. The modules, in the order the data flows:
     summary   per-advice lines, the bf16-range claim, the verdicts table
     advice    ADVICE: the advice ids as data
     frontier  the stable-lr frontier of the core map
-    figures   matrix.png, frontier.png;  nanmap: the appendix's nan_map.png
+    sensitivity  LR sensitivity per precision x mitigation (Wortsman et al. 2023): LR
+              families, E_lr[min(l(lr), l0) - l*], the ranking within each precision
+    figures   matrix.png, frontier.png, lr_sensitivity.png;  nanmap: the appendix's nan_map.png
     markdown  report.md;  write: the pipeline, console summary, W&B
 """
-from .advice import ADVICE, Advice, range_facts
+from .advice import ADVICE, MITIGATION_ADVICE, Advice, advice_for, range_facts
 from .cells import (
     MIN_SEEDS,
     OUTCOME_TEXT,
@@ -30,10 +32,18 @@ from .cells import (
     two_thirds,
 )
 from .collect import collect, load_results, normalize_results, run_config, write_results
-from .figures import draw_frontier, draw_matrix
+from .figures import draw_frontier, draw_matrix, draw_sensitivity
 from .frontier import FRONTIER_RULE, fmt_lr, frontier_frame, lines
 from .match import equal_except, matches, parse_override
 from .nanmap import draw_map
+from .sensitivity import (
+    MIN_LRS,
+    SENSITIVITY_RULE,
+    Family,
+    families,
+    ranking_lines,
+    sensitivity_frame,
+)
 from .summary import advice_lines, pairs_frame, range_pairs
 from .verdicts import RULES, Mechanism, Pair, agreement, measure, measure_test, mechanisms
 from .write import Analysis, analyze, write_report
@@ -41,16 +51,21 @@ from .write import Analysis, analyze, write_report
 __all__ = [
     "ADVICE",
     "FRONTIER_RULE",
+    "MIN_LRS",
     "MIN_SEEDS",
+    "MITIGATION_ADVICE",
     "OUTCOMES",
     "OUTCOME_TEXT",
     "RULES",
+    "SENSITIVITY_RULE",
     "TEST_FAILS",
     "Advice",
     "Analysis",
     "Cell",
+    "Family",
     "Mechanism",
     "Pair",
+    "advice_for",
     "advice_lines",
     "agreement",
     "analyze",
@@ -60,7 +75,9 @@ __all__ = [
     "draw_frontier",
     "draw_map",
     "draw_matrix",
+    "draw_sensitivity",
     "equal_except",
+    "families",
     "fmt_lr",
     "frontier_frame",
     "lines",
@@ -74,7 +91,9 @@ __all__ = [
     "parse_override",
     "range_facts",
     "range_pairs",
+    "ranking_lines",
     "run_config",
+    "sensitivity_frame",
     "two_thirds",
     "write_report",
     "write_results",

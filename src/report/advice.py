@@ -69,6 +69,46 @@ ADVICE: dict[str, Advice] = {a.id: a for a in (
 )}
 
 
+# An LR-sensitivity family's override -> the advice id it tests (src/report/sensitivity.py):
+# (key, value, id); value "*": any value, ">0": a positive number, else that value.
+MITIGATION_ADVICE: tuple[tuple[str, object, str], ...] = (
+    ("warmup_steps", ">0", "warmup"),
+    ("clip", ">0", "clip"),
+    ("softmax", "stable", "max_subtracted_softmax"),
+    ("guard", "skip_step", "guard_key_nodes"),
+    ("guard", "clamp", "guard_key_nodes"),
+    ("optim.z_loss", ">0", "z_loss"),
+    ("model.qk_norm", True, "qk_norm"),
+    ("optim.name", "stable_adamw", "update_clipping"),
+    ("optim.eps", "*", "adam_eps_beta2"),
+    ("optim.betas", "*", "adam_eps_beta2"),
+    ("softmax", "fp32_qk", "fp32_qk"),
+    ("softmax", "safe", "safe_softmax"),
+)
+
+
+def advice_for(key: str, value: str) -> str | None:
+    """The advice id an override ('optim.z_loss', '0.0001') tests, from MITIGATION_ADVICE."""
+    import yaml
+
+    from .match import same_value
+    try:
+        v = yaml.safe_load(value)
+    except yaml.YAMLError:
+        v = value
+    for k, want, id_ in MITIGATION_ADVICE:
+        if k != key:
+            continue
+        if want == "*":
+            return id_
+        if want == ">0":
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+                return id_
+        elif same_value(v, want):
+            return id_
+    return None
+
+
 def advice(id_: str) -> Advice:
     return ADVICE.get(id_) or Advice(id_, id_, "(unknown advice id)", seed=False)
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import textwrap
+from itertools import pairwise
 from pathlib import Path
 
 from .advice import ordered
 from .cells import OUTCOME_TEXT, TEST_FAILS
 from .frontier import Line, fmt_lr
+from .sensitivity import Family, by_group
 from .verdicts import Mechanism, Pair
 
 EFFECT_COLORS = {
@@ -278,5 +280,69 @@ def draw_frontier(lines: list[Line], path: str | os.PathLike):
         labels.append("finite in training,\nnon-finite at test time")
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.68, 0.5), fontsize=7.5,
                frameon=False, title="precision · softmax", title_fontsize=8)
+    fig.savefig(path)
+    return fig
+
+
+def draw_sensitivity(fams: list[Family], path: str | os.PathLike):
+    """Final loss against lr_x (log), one panel per precision, one line per mitigation
+    (legend in rank order, with the sensitivity): the line is min(l(lr), l0) over the seeds;
+    an x marks a failed run (non-finite or diverged), drawn at its initial loss l0; dashed:
+    l*, the precision's best; dotted: the median l0."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    groups = by_group(fams)
+    if not groups:
+        return _empty(path, "no LR sweep in these records\n(no family with >= 3 lr values)")
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+
+    n = max(len(fs) for fs in groups.values())
+    pw, ph, leg = 5.4, 3.9, 0.55 + 0.2 * (n + 3)
+    fig = _figure(pw * len(groups), ph + leg + 0.5)
+    h = ph + leg + 0.5
+    # one colour per mitigation in every panel; the plain family black, under the others
+    labels = sorted({f.label for fs in groups.values() for f in fs} - {"none"})
+    cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    colors = {lb: cmap(i % cmap.N) for i, lb in enumerate(labels)} | {"none": "black"}
+    for i, (g, fs) in enumerate(groups.items()):
+        ax = fig.add_axes(((i * pw + 0.75) / (pw * len(groups)), (leg + 0.45) / h,
+                           (pw - 1.0) / (pw * len(groups)), (ph - 0.45) / h))
+        for j, f in enumerate(fs):
+            color = colors[f.label]
+            lw, z = (2.2, 1.9) if f.label == "none" else (1.5, 2)
+            shift = 10 ** (0.015 * (j - (len(fs) - 1) / 2))   # side by side, not on top
+            xs = [p.x * shift for p in f.points]
+            ax.plot(xs, [p.loss for p in f.points], lw=lw, color=color, marker="o", ms=3.5,
+                    zorder=z, label=f"{f.rank}. {f.name}  ({f.sensitivity:.3f})")
+            bad = [(p.x * shift, e) for p in f.points for e in p.failed]
+            if bad:
+                ax.plot(*zip(*bad), ls="none", marker="x", ms=8, mew=2, color=color, zorder=3)
+        star = fs[0].ell_star
+        ell0 = sorted(e for f in fs for p in f.points for e in p.ell0s)
+        ax.axhline(star, color="#555555", ls="--", lw=1)
+        ax.axhline(ell0[len(ell0) // 2], color="#999999", ls=":", lw=1.2)
+        ax.set_xscale("log")
+        xs = sorted({x for f in fs for x in f.xs})
+        ax.set_xticks(xs)
+        crowded = any(a <= 0 or b / a < 2.5 for a, b in pairwise(xs))
+        ax.set_xticklabels([fmt_lr(x) for x in xs], fontsize=7,
+                           rotation=55 if crowded else 0, ha="right" if crowded else "center")
+        ax.set_xticks([], minor=True)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.set_xlabel("lr_x (lr / model.ref_lr)" if fs[0].axis == "lr_x" else "learning rate")
+        ax.set_ylabel("final loss: min(ℓ(lr), ℓ₀), mean over seeds")
+        ax.set_title(f"{g}: ℓ* = {star:.4g}", fontsize=9.5, fontweight="bold")
+        handles, labels = ax.get_legend_handles_labels()
+        handles += [Line2D([], [], marker="x", ms=7, mew=2, color="#333333", lw=0),
+                    Line2D([], [], color="#555555", ls="--", lw=1),
+                    Line2D([], [], color="#999999", ls=":", lw=1.2)]
+        labels += ["failed run, at its initial loss ℓ₀", "ℓ*: the precision's best",
+                   "ℓ₀: initial loss (median)"]
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(-0.12, -0.21),
+                  fontsize=7, frameon=False, title="rank. mitigation (sensitivity)",
+                  title_fontsize=7.5, alignment="left")
+    fig.text(0.5, 1 - 0.1 / h, "LR sensitivity: final loss against lr per mitigation "
+             "(Wortsman et al. 2023)", ha="center", va="top", fontsize=11, fontweight="bold")
     fig.savefig(path)
     return fig

@@ -8,9 +8,11 @@ import pandas as pd
 
 from src.record import STATUSES
 
+from .advice import advice
 from .cells import OUTCOME_TEXT, OUTCOMES, TEST_FAILS, Cell
 from .frontier import FRONTIER_RULE, Line, fmt_lr, frontier_frame
 from .match import flatten
+from .sensitivity import MIN_LRS, SENSITIVITY_RULE, Family, by_group, untested_advice
 from .summary import AdviceLine, RangePairs
 from .verdicts import RULES, Mechanism, Pair
 
@@ -244,9 +246,61 @@ def frontier_section(ls: list[Line], png: str) -> list[str]:
     return L
 
 
+def _lrs(xs: list[float]) -> str:
+    return " ".join(fmt_lr(x) for x in xs)
+
+
+def sensitivity_section(fams: list[Family], png: str) -> list[str]:
+    """The LR sensitivity per precision x mitigation: the rule, the figure, the table, the
+    ranking; one line where the records hold no LR sweep."""
+    L = ["## LR sensitivity", ""]
+    groups = by_group(fams)
+    if not groups:
+        few = f" ({len(fams)} with fewer)" if fams else ""
+        return L + [(f"_No LR sweep in these records: no family of runs (stress=none, configs "
+                     f"equal but for lr, lr_x and the seed) with at least {MIN_LRS} lr values"
+                     f"{few}._"), ""]
+    L += [f"![LR sensitivity]({png})", "", SENSITIVITY_RULE, ""]
+    rows = []
+    for g, fs in groups.items():
+        for f in fs:
+            b = f.best
+            rows.append([g, f.rank, f"`{f.label}`", f.advice or "", f.range_text,
+                         f"{f.sensitivity:.3f}", f"{b.loss:.4g} @ {fmt_lr(b.x)}",
+                         f"{f.ell_star:.4g}", fmt_lr(f.max_all_ok) or "none",
+                         f"{f.n_failed}/{f.n_runs}"])
+    axis = "lr_x" if all(f.axis == "lr_x" for fs in groups.values() for f in fs) else "lr"
+    L.append(md_table(rows, ["precision", "rank", "mitigation", "advice", f"{axis} range (n)",
+                             "sensitivity", f"best final loss @ {axis}", "ℓ*",
+                             f"largest {axis} all seeds ok", "failed runs"]))
+    L += ["**Ranking** (lowest sensitivity first):", ""]
+    for g, fs in groups.items():
+        items = []
+        for f in fs:
+            what = " + ".join(advice(a).text for a in f.advice.split("+")) if f.advice else ""
+            items.append(f"{f.rank}. " + (f"`{f.advice}` ({what}; `{f.label}`)" if what
+                                          else f"`{f.label}`") + f" {f.sensitivity:.3g}")
+        L.append(f"- **{g}**: " + "; ".join(items))
+        grids = {tuple(f.xs) for f in fs}
+        if len(grids) > 1:
+            L.append(f"  - {g}: the families ran on different {axis} grids ("
+                     + "; ".join(f"`{f.label}`: {_lrs(f.xs)}" for f in fs)
+                     + "): each mean is over its own points.")
+    L.append("")
+    few = [f for f in fams if not f.counts]
+    if few:
+        L += [f"Not counted (fewer than {MIN_LRS} lr values): " + "; ".join(
+            f"{f.group} `{f.label}` ({_lrs(f.xs) or 'no evidence'})" for f in few) + ".", ""]
+    rest = untested_advice(fams)
+    if rest:
+        L += ["Mitigation advice with no family in this sweep: "
+              + ", ".join(f"`{a}`" for a in rest) + ".", ""]
+    return L
+
+
 def render(df: pd.DataFrame, cells: list[Cell], mechs: list[Mechanism],
            lines: list[AdviceLine], rng: RangePairs, ls: list[Line],
-           names: dict[str, str]) -> str:
+           names: dict[str, str], sens: list[Family] | None = None) -> str:
     runs = df["status"].value_counts()
     states = pd.Series([c.outcome for c in cells]).value_counts() if cells else pd.Series()
     pairs = [p for m in mechs for p in m.pairs]
@@ -290,6 +344,7 @@ def render(df: pd.DataFrame, cells: list[Cell], mechs: list[Mechanism],
         L += mechanism_section(m)
     L += advice_section(lines, rng)
     L += frontier_section(ls, names["frontier"])
+    L += sensitivity_section(sens or [], names.get("sensitivity", "lr_sensitivity.png"))
     L += appendix(df, cells, names["map"])
     return "\n".join(L)
 

@@ -1,27 +1,30 @@
 """The pipeline: records -> results table -> cells -> verdicts -> frontier -> files.
 
 Writes into OUT: results.parquet / .csv (one row per run), cells.csv, verdicts.csv (one row
-per mechanism x prediction), frontier.csv, matrix.png, frontier.png, nan_map.png, report.md.
+per mechanism x prediction), frontier.csv, lr_sensitivity.csv (one row per LR family),
+matrix.png, frontier.png, nan_map.png, lr_sensitivity.png, report.md.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from .cells import OUTCOME_TEXT, OUTCOMES, Cell, build_cells, cells_frame
 from .collect import collect, write_results
-from .figures import draw_frontier, draw_matrix
+from .figures import draw_frontier, draw_matrix, draw_sensitivity
 from .frontier import Line, frontier_frame, lines
 from .markdown import render
 from .nanmap import draw_map
+from .sensitivity import Family, by_group, families, ranking_lines, sensitivity_frame
 from .summary import AdviceLine, RangePairs, advice_lines, pairs_frame, range_pairs
 from .verdicts import Mechanism, mechanisms
 
-NAMES = {"matrix": "matrix.png", "frontier": "frontier.png", "map": "nan_map.png"}
+NAMES = {"matrix": "matrix.png", "frontier": "frontier.png", "map": "nan_map.png",
+         "sensitivity": "lr_sensitivity.png"}
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Analysis:
     advice: list[AdviceLine]
     range_pairs: RangePairs
     frontier: list[Line]
+    sensitivity: list[Family] = field(default_factory=list)   # LR families (sensitivity.py)
 
     def verdicts(self) -> pd.DataFrame:
         return pairs_frame(self.mechanisms)
@@ -42,13 +46,16 @@ class Analysis:
     def frontier_frame(self) -> pd.DataFrame:
         return frontier_frame(self.frontier)
 
+    def sensitivity_frame(self) -> pd.DataFrame:
+        return sensitivity_frame(self.sensitivity)
+
 
 def analyze(df: pd.DataFrame) -> Analysis:
     """The results table (from collect() or load_results()) -> every analysis."""
     cells = build_cells(df)
     mechs = mechanisms(cells)
     return Analysis(df, cells, mechs, advice_lines(mechs, cells), range_pairs(cells),
-                    lines(cells))
+                    lines(cells), families(df))
 
 
 def write_report(dirs: Sequence[str | os.PathLike] | str | os.PathLike,
@@ -74,12 +81,14 @@ def write_report(dirs: Sequence[str | os.PathLike] | str | os.PathLike,
     a.cells_frame().to_csv(out / "cells.csv", index=False)
     a.verdicts().to_csv(out / "verdicts.csv", index=False)
     a.frontier_frame().to_csv(out / "frontier.csv", index=False)
+    a.sensitivity_frame().to_csv(out / "lr_sensitivity.csv", index=False)
     draw_matrix(a.mechanisms, out / NAMES["matrix"])
     draw_frontier(a.frontier, out / NAMES["frontier"])
     draw_map(a.cells, out / NAMES["map"])
+    draw_sensitivity(a.sensitivity, out / NAMES["sensitivity"])
     md = out / "report.md"
     md.write_text(render(df, a.cells, a.mechanisms, a.advice, a.range_pairs, a.frontier,
-                         NAMES))
+                         NAMES, a.sensitivity))
     if console is not None:
         print_summary(console, a)
     if wandb != "off":
@@ -93,6 +102,7 @@ STYLE = {"agrees": "green", "refutes": "bold red", "disagrees": "bold yellow"}
 
 
 def print_summary(console, a: Analysis) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     states = pd.Series([c.outcome for c in a.cells]).value_counts()
@@ -118,6 +128,12 @@ def print_summary(console, a: Analysis) -> None:
     for line in a.advice:
         if line.line != "not tested by the map":
             console.print(f"[bold]{line.text}[/]: {line.line}", highlight=False)
+    if by_group(a.sensitivity):
+        console.print("[bold]LR sensitivity[/] (Wortsman et al. 2023; "
+                      + escape("E_lr[min(l(lr), l0) - l*]") + ", lower is better; "
+                      "lr_sensitivity.csv):")
+        for text in ranking_lines(a.sensitivity, top=5):
+            console.print(f"  {text}", highlight=False)
 
 
 def log_wandb(out: Path, a: Analysis, mode: str = "offline", project: str = "nanlab") -> None:
@@ -132,6 +148,7 @@ def log_wandb(out: Path, a: Analysis, mode: str = "offline", project: str = "nan
             return wandb.Table(dataframe=df.astype(object).where(df.notna(), None).astype(str))
         run.log({"results": table(a.df.drop(columns=["mtime"], errors="ignore")),
                  "cells": table(a.cells_frame()), "verdicts": table(a.verdicts()),
+                 "lr_sensitivity": table(a.sensitivity_frame()),
                  **{k: wandb.Image(str(out / v)) for k, v in NAMES.items()}})
         run.summary.update({"runs": len(a.df), "cells": len(a.cells),
                             "mechanisms": len(a.mechanisms)})
