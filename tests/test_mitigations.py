@@ -123,7 +123,6 @@ def _train_log_z(batch, z_loss: float, steps: int = 10, lr: float = 1e-2) -> lis
     return out
 
 
-@pytest.mark.slow
 def test_z_loss_pulls_log_z_towards_zero(batch):
     """Same batch, same 10 steps at lr 1e-2: with z-loss |mean log Z| falls steadily,
     without it wanders near the base's. The coefficient is 1.0 so that 10 steps show it
@@ -216,7 +215,6 @@ def _spike_run(opt_name: str, batch, steps: int = 6, at: int = 2, length: int = 
     return changes, rms
 
 
-@pytest.mark.slow
 def test_stable_adamw_caps_the_steps_that_follow_an_lr_spike(batch):
     """On the real model (lr 3e-3, x100 for steps 2-4): the first spiked step is as large for
     both (its gradients are as before, RMS <= 1: update clipping does not see the lr); the
@@ -312,8 +310,8 @@ def test_qk_norm_bounds_attention_logits_under_logit_growth(batch, qk_norm):
 
 @pytest.mark.slow
 def test_qk_norm_base_is_its_own_cached_base_with_trained_norms():
-    """The base is pretrained with the norms (built once: ~2 min on 2 free cores) under its
-    own key; loading builds the norms and loads their trained gains."""
+    """The base is pretrained with the norms under its own key (slow: built on first use,
+    206 s on 2 shared cores); loading builds the norms and loads their trained gains."""
     from src.base import base_dir, base_key
 
     plain, qk = spec().model, dataclasses.replace(spec().model, qk_norm=True)
@@ -328,7 +326,8 @@ def test_qk_norm_base_is_its_own_cached_base_with_trained_norms():
 
 @pytest.mark.slow
 def test_logit_growth_cannot_reach_its_target_on_the_qk_norm_base(batch):
-    """The map's arm: stress=logit_growth (target 12) on the base pretrained with qk-norm."""
+    """The map's arm: stress=logit_growth (target 12) on the base pretrained with qk-norm
+    (slow: the base is built on first use)."""
     model = build_model(dataclasses.replace(spec().model, qk_norm=True), seed=0)
     attention.apply(model, SoftmaxSpec("naive"))
     module = NanLabModule(model, OptimSpec())
