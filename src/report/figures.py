@@ -98,14 +98,15 @@ def _arm_label(arm: str, width: int = 15) -> str:
 
 def _row_label(m: Mechanism) -> tuple[str, str]:
     b = m.base
+    cause = m.cause.replace(" or ", " or\n")  # several declared causes: one a line
     if b is None:
-        head = f"{m.label}\n{m.cause}: baseline not run"
+        head = f"{m.label}\n{cause}: baseline not run"
     elif m.at_test:
-        head = (f"{m.label}\n(judged at test time)\n{m.cause} at test · "
+        head = (f"{m.label}\n(judged at test time)\n{cause} at test · "
                 f"{b.n_test_failed_with(m.cause)}/{b.n_seeds} failed")
     else:
         step = "-" if b.median_bad_step is None else f"{b.median_bad_step:g}"
-        head = (f"{m.label}\n{m.cause} @ step {step} · {b.n_failed}/{b.n_seeds} failed")
+        head = (f"{m.label}\n{cause} @ step {step} · {b.n_failed}/{b.n_seeds} failed")
     note = "" if m.counts else "\n".join(textwrap.wrap("✗ " + m.status, 34))
     return head, note
 
@@ -126,7 +127,7 @@ def draw_matrix(mechs: list[Mechanism], path: str | os.PathLike):
         return _empty(path, "no mechanism predictions in these records\n"
                              "(config['stress'] carries none)")
     cw, rh = 0.98, 0.62
-    left, right = 2.55, 0.25
+    left, right = 2.9, 0.25
     w = max(left + cw * len(cols) + right, 7.0)
     handles = _matrix_legend()
     ncol = 3 if w < 9 else 5 if w < 14 else len(handles)
