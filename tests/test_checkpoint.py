@@ -118,6 +118,10 @@ def fast_processor(monkeypatch, processor):
     monkeypatch.setattr(src.processing, "load_processor", load)
 
 
+# finite: a short run (or its resumed half) need not drop the loss by the ok margin
+FINITE = ("ok", "stalled")
+
+
 class StopAt(Callback):
     """Stops the run after `CUT` steps, as a killed job would have stopped (its newest
     checkpoint is the step-CUT one)."""
@@ -130,15 +134,15 @@ class StopAt(Callback):
 def _resume_case(tmp_path, num_train: int, save_hf: bool = False):
     base = [*RESUME, f"data.num_train={num_train}"]
     full = run(compose_spec(*base), tmp_path / "full")
-    assert full.status == "ok", full.error
+    assert full.status in FINITE, full.error
     cut = run(compose_spec(*base, "save.checkpoint=true"), tmp_path / "cut",
               extra_callbacks=[StopAt()])
-    assert cut.status == "ok" and cut.steps_done == CUT, cut.error
+    assert cut.status in FINITE and cut.steps_done == CUT, cut.error
     last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
     assert last.is_file()
     extra = ["save.checkpoint=true", f"save.hf={str(save_hf).lower()}", f"ckpt_path={last}"]
     resumed = run(compose_spec(*base, *extra), tmp_path / "resumed")
-    assert resumed.status == "ok" and resumed.steps_done == STEPS, resumed.error
+    assert resumed.status in FINITE and resumed.steps_done == STEPS, resumed.error
     return [_history(tmp_path / d) for d in ("full", "cut", "resumed")]
 
 

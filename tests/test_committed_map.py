@@ -79,7 +79,7 @@ def test_committed_report_is_what_the_report_code_makes_of_it(committed):
     df = report.load_results(CSV)
     a = report.analyze(df)
     fresh = report.markdown.render(df, a.cells, a.mechanisms, a.advice, a.range_pairs,
-                                   a.frontier, report.write.NAMES)
+                                   a.frontier, report.write.NAMES, a.sensitivity)
     cut = "## Mechanisms"
     assert fresh[fresh.index(cut):].strip() == md[md.index(cut):].strip(), (
         "report.md differs from what src.report makes of results.csv: rerun "

@@ -41,8 +41,6 @@ def test_finite_in_training_nonfinite_at_test_on_exactly_the_padded_samples(tmp_
     assert all(p > 0 for p in rec.test_failing_pads)
     assert rec.test_module == "model.language_model.layers.0.self_attn"
     assert "Test time:" in rec.verdict() and "NON-FINITE" in rec.verdict()
-    # the cost: the test pass is a small part of the run
-    assert rec.test_wall_s < 0.2 * rec.wall_time_s
 
     # the fixing settings, each alone
     for fix in ("serve.padding_side=right", "softmax=sdpa", "serve.precision=bf16"):

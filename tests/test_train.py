@@ -80,7 +80,9 @@ def test_wandb_offline_one_run_dir_per_job_with_outcome_summary(tmp_path):
 @pytest.mark.slow
 def test_default_run_loss_falls(tmp_path):
     """The README's main job, shortened: the loss on the assistant's answers falls."""
-    rec = run(spec("max_steps=80", "trainer.progress=false", fast=False), tmp_path)
+    # logger=none: an in-process W&B run would leave wandb's global state to later tests
+    rec = run(spec("max_steps=80", "trainer.progress=false", "logger=none", fast=False),
+              tmp_path)
     assert rec.status == "ok"
     losses = [float(line.split(",")[1]) for line in
               (tmp_path / "history.csv").read_text().splitlines()[1:]]
