@@ -102,13 +102,17 @@ def empty_targets_cause(batch: dict):
             0.0)
 
 
-def _floats(x):
+def tensors(x):
+    """Every tensor in a module's inputs or outputs (tuples, lists, dicts, ModelOutputs)."""
     if isinstance(x, torch.Tensor):
-        if x.is_floating_point():
-            yield x
+        yield x
     elif isinstance(x, (tuple, list)):
         for y in x:
-            yield from _floats(y)
+            yield from tensors(y)
     elif isinstance(x, dict) or hasattr(x, "values"):
         for y in x.values():
-            yield from _floats(y)
+            yield from tensors(y)
+
+
+def _floats(x):
+    return (t for t in tensors(x) if t.is_floating_point())

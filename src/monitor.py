@@ -60,19 +60,8 @@ class History:
     lr: list[float] = field(default_factory=list)
 
 
-def _tensors(x):
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif isinstance(x, (tuple, list)):
-        for y in x:
-            yield from _tensors(y)
-    elif isinstance(x, dict) or hasattr(x, "values"):
-        for y in x.values():
-            yield from _tensors(y)
-
-
 def _first_bad(x) -> torch.Tensor | None:
-    for t in _tensors(x):
+    for t in causes.tensors(x):
         if t.is_floating_point() and not torch.isfinite(t).all():
             return t
     return None
@@ -180,7 +169,7 @@ def _hooked_backward(model, run_forward, backward):
     def fwd(name):
         def fn(mod, args, output):
             for which, xs in (("output", output), ("input", args)):
-                for t in _tensors(xs):
+                for t in causes.tensors(xs):
                     if t.is_floating_point() and t.requires_grad:
                         t.register_hook(_grad_hook(name, which))
         return fn
