@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from src.train import RunSpec, compose_spec
+from src.train import CONF_DIR, RunSpec, compose_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small and fast: a few steps on a few shapes samples, no logger, no progress bar.
@@ -22,3 +22,21 @@ def cli(*args: str, module: str = "src.train", timeout: int = 600) -> subprocess
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def hydra_cfg(*overrides: str):
+    """The composed config with its `hydra` node (run dir, sweeper), as a multirun sees it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
+def plain(cfg) -> dict:
+    """The resolved job config without the hydra node, as src.train.hydra_job sees it."""
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return OmegaConf.to_container(cfg, resolve=True)

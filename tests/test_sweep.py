@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.utils import JobReturn, JobStatus
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
+from helpers import hydra_cfg, plain
 from src.record import read_record
 from src.report import collect
 from src.sweep import SweepProgress, grid_size, progress_line
@@ -38,20 +38,6 @@ def cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.C
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
-
-
-def hydra_cfg(*overrides: str):
-    """The composed config with its `hydra` node, as a multirun would see it."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
-
-
-def plain(cfg) -> dict:
-    """The resolved job config without the hydra node, as src.train.hydra_job sees it."""
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        cfg.pop("hydra", None)
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def records(root: Path) -> dict[str, object]:

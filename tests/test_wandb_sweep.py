@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
 
 from experiments.wandb import make_grid, run_cell
+from helpers import hydra_cfg, plain
 from hydra_plugins.nanlab_sweeper.mechanism_sweeper import mechanism_cells
 from src.sweep import grid_size
 from src.train import CONF_DIR, compose_spec, spec_from_config, validate_cli
@@ -34,20 +33,6 @@ ENTRY = ["/usr/bin/env", "python", "-m", "experiments.wandb.run_cell"]
 
 def load(name: str) -> dict:
     return yaml.safe_load((WANDB_DIR / f"{name}.yaml").read_text())
-
-
-def hydra_cfg(*overrides: str):
-    """The composed config with its `hydra` node (run dir, sweeper)."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
-
-
-def plain(cfg) -> dict:
-    """The resolved job config without the hydra node, as src.train.hydra_job sees it."""
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        cfg.pop("hydra", None)
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def agent_command(sweep_command: list[str], params: dict) -> list[str]:
