@@ -8,3 +8,15 @@ from src.processing import ProcessorSpec, load_processor
 @pytest.fixture(scope="session")
 def processor():
     return load_processor(ProcessorSpec())
+
+
+@pytest.fixture(scope="module")
+def batch(processor):
+    """The first training batch of the fast test settings (tests/helpers.FAST)."""
+    from helpers import spec
+    from src.data import NanDataModule
+
+    s = spec()
+    dm = NanDataModule(s.data, processor, 4, 0)
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))

@@ -22,7 +22,6 @@ import torch
 from helpers import spec
 from src import attention, stress
 from src.attention import SoftmaxSpec
-from src.data import NanDataModule
 from src.model import ModelSpec, attach_qk_norm_hooks, build_model, has_qk_norm, load_checkpoint
 from src.module import NanLabModule, OptimSpec, StableAdamW, supervised_loss
 from src.monitor import AttentionStats
@@ -31,14 +30,6 @@ from src.stress import StressSpec
 from src.train import compose_spec
 
 FP16_MAX = 65504.0
-
-
-@pytest.fixture(scope="module")
-def batch(processor):
-    s = spec()
-    dm = NanDataModule(s.data, processor, 4, 0)
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
 
 
 def _random_model(qk_norm: bool = False, softmax: str = "sdpa"):

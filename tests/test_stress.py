@@ -17,14 +17,6 @@ IM_START = 151644
 
 
 @pytest.fixture(scope="module")
-def batch(processor):
-    s = spec()
-    dm = NanDataModule(s.data, processor, 4, 0)
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
-
-
-@pytest.fixture(scope="module")
 def map_batch(processor):
     """The first batch of the map's runs (experiment=nan_map_base)."""
     s = compose_spec("experiment=nan_map_base", "logger=none")
