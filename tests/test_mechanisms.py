@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from helpers import ROOT
+from hydra_plugins.nanlab_sweeper.mechanism_sweeper import merge_overrides
 from src.record import CAUSES, read_record
 from src.train import compose_spec, find_done, run
 
@@ -27,11 +28,6 @@ CSV = ["experiment=nan_map_base", "logger=csv"]  # its log dir tells that traini
 
 def mechanism(name: str) -> dict:
     return yaml.safe_load((STRESS / f"{name}.yaml").read_text())
-
-
-def merged(base: list[str], extra: list[str]) -> list[str]:
-    out = {o.split("=", 1)[0]: o for o in [*base, *extra]}
-    return list(out.values())
 
 
 def test_every_mechanism_yaml_is_complete():
@@ -47,7 +43,8 @@ def test_every_mechanism_yaml_is_complete():
             assert p["effect"] in ("fixes", "delays", "no_effect", "worsens"), (name, p)
             assert p["mitigation"] and p["why"] and p["advice"], (name, p)
             advice_seen.add(p["advice"])
-            compose_spec(*MAP, f"stress={name}", *merged(m["baseline"], p["mitigation"]))
+            compose_spec(*MAP, f"stress={name}",
+                         *merge_overrides(m["baseline"], p["mitigation"]))
     # the seed's advice that could touch these mechanisms is predicted somewhere
     assert {"use_fp32", "max_subtracted_softmax", "lower_lr", "warmup", "clip",
             "normalize_inputs", "progressive", "guard_key_nodes"} <= advice_seen
@@ -60,7 +57,8 @@ def test_baseline_fails_with_its_cause_and_a_predicted_fix_fixes_it(name, tmp_pa
     causes = m["cause"] if isinstance(m["cause"], list) else [m["cause"]]
     base = run(compose_spec(*MAP, f"stress={name}", *m["baseline"]), tmp_path / "baseline")
     fix = next(p for p in m["predictions"] if p["effect"] == "fixes")
-    fixed = run(compose_spec(*MAP, f"stress={name}", *merged(m["baseline"], fix["mitigation"])),
+    fixed = run(compose_spec(*MAP, f"stress={name}",
+                             *merge_overrides(m["baseline"], fix["mitigation"])),
                 tmp_path / "fixed")
     if m.get("judged_on") == "test":  # trains finite; its test pass fails
         assert base.status in ("ok", "stalled"), base.verdict()
@@ -81,7 +79,8 @@ def test_grad_poison_records_how_far_clipping_spreads_it(tmp_path):
     m = mechanism("grad_poison")
     runs = {}
     for clip in ("0", "1.0"):
-        spec = compose_spec(*MAP, "stress=grad_poison", *merged(m["baseline"], [f"clip={clip}"]),
+        spec = compose_spec(*MAP, "stress=grad_poison",
+                            *merge_overrides(m["baseline"], [f"clip={clip}"]),
                             "monitor.every=0")
         runs[clip] = run(spec, tmp_path / clip)
     for rec in runs.values():

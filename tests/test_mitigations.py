@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from helpers import spec
+from hydra_plugins.nanlab_sweeper.mechanism_sweeper import merge_overrides
 from src import attention, stress
 from src.attention import SoftmaxSpec
 from src.model import ModelSpec, attach_qk_norm_hooks, build_model, has_qk_norm, load_checkpoint
@@ -408,9 +409,8 @@ def test_new_prediction_arms_compose():
         for p in m.get("predictions") or []:
             if p["advice"] in ("z_loss", "qk_norm", "update_clipping", "adam_eps_beta2",
                                "fp32_qk"):
-                out = {o.split("=", 1)[0]: o for o in [*m["baseline"], *p["mitigation"]]}
                 s = compose_spec("experiment=nan_map_base", f"stress={path.stem}",
-                                 *out.values())
+                                 *merge_overrides(m["baseline"], p["mitigation"]))
                 seen.add(p["advice"])
                 if p["advice"] == "adam_eps_beta2":
                     assert (s.optim.eps, list(s.optim.betas)) == (1e-6, [0.9, 0.95])

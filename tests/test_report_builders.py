@@ -83,6 +83,13 @@ def config_for(spec: dict | None, overrides: list[str]) -> dict:
     return apply(cfg, overrides)
 
 
+def cfg(spec: dict, *changes: str) -> dict:
+    """A mechanism's baseline overrides with `changes` (same key replaced, new key added)."""
+    over = {o.split("=", 1)[0]: o for o in spec["baseline"]}
+    over.update({o.split("=", 1)[0]: o for o in changes})
+    return config_for(spec, list(over.values()))
+
+
 def _hash(d: dict) -> str:
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from test_report_builders import (
-    config_for,
+    cfg,
     failing,
     mech,
     ok,
@@ -23,13 +23,6 @@ from src import report
 
 CAUSE = "exp_overflow"
 BASELINE = ["precision=bf16", "softmax=naive", "lr_x=10"]
-
-
-def cfg(spec: dict, *changes: str) -> dict:
-    """The baseline's overrides with `changes` (same key replaced, new key added)."""
-    over = {o.split("=", 1)[0]: o for o in spec["baseline"]}
-    over.update({o.split("=", 1)[0]: o for o in changes})
-    return config_for(spec, list(over.values()))
 
 
 def analyze(root: Path) -> report.Analysis:

@@ -13,6 +13,7 @@ import pytest
 from test_report_builders import (
     TEST_IDS,
     TEST_SAMPLES,
+    cfg,
     config_for,
     failing,
     mech,
@@ -37,12 +38,6 @@ CONTROL = pred("max_subtracted_softmax", ["softmax=eager"], "fixes")
 
 def serving(*predictions: dict, name: str = "serving") -> dict:
     return mech(name, CAUSE, BASELINE, [CONTROL, *predictions], judged_on="test")
-
-
-def cfg(spec: dict, *changes: str) -> dict:
-    over = {o.split("=", 1)[0]: o for o in spec["baseline"]}
-    over.update({o.split("=", 1)[0]: o for o in changes})
-    return config_for(spec, list(over.values()))
 
 
 def analyze(root: Path) -> report.Analysis:

@@ -33,12 +33,12 @@ def mechanism_cells(mechanisms=None, seeds=(0, 1, 2), conf: Path = CONF) -> list
         spec = yaml.safe_load((conf / "stress" / f"{name}.yaml").read_text())
         arms = [[]] + [list(p["mitigation"]) for p in spec.get("predictions") or []]
         for arm in arms:
-            merged = _merge([f"stress={name}", *spec.get("baseline", [])], arm)
+            merged = merge_overrides([f"stress={name}", *spec.get("baseline", [])], arm)
             cells += [[*merged, f"seed={s}"] for s in seeds]
     return cells
 
 
-def _merge(base: list[str], extra: list[str]) -> list[str]:
+def merge_overrides(base: list[str], extra: list[str]) -> list[str]:
     """Overrides with later keys replacing earlier ones (Hydra refuses duplicate keys)."""
     out: dict[str, str] = {}
     for o in [*base, *extra]:
@@ -60,13 +60,13 @@ class MechanismSweeper(BasicSweeper):
 
     def split_arguments(self, overrides, max_batch_size):
         grid = [] if not self.params else [
-            _merge(list(job), arm) for arm in self.arms
+            merge_overrides(list(job), arm) for arm in self.arms
             for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
         # command-line values that are not sweeps apply to the mechanism cells too
         fixed = [o.input_line for o in overrides if not o.is_sweep_override()
                  and o.input_line is not None]
         cells = [] if self.mechanisms == "none" else [
-            _merge(fixed, cell) for cell in mechanism_cells(self.mechanisms, self.seeds)]
+            merge_overrides(fixed, cell) for cell in mechanism_cells(self.mechanisms, self.seeds)]
         jobs = grid + cells
         log.info(f"map: {len(grid)} grid cells + {len(cells)} mechanism cells")
         size = max_batch_size or len(jobs)
