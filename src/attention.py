@@ -9,25 +9,16 @@ plain callables that the monitor adds and removes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward, repeat_kv
 
-VARIANTS = ("sdpa", "eager", "naive", "stable", "safe", "softcap", "zeroed", "fp32_qk", "flash")
-# How the 4D mask is built: transformers' own (one float-min plane, or sdpa's boolean mask),
-# or the sum of a causal plane and query- and key-padding planes of float-min, which is
-# -inf wherever two planes meet (stress=masked_rows, grad_poison).
-MASKS = ("transformers", "summed_planes")
+from .specs import MASKS, SoftmaxSpec
+from .specs import SOFTMAXES as VARIANTS
+
 OBSERVERS: list[Callable] = []
-
-
-@dataclass
-class SoftmaxSpec:
-    name: str = "sdpa"
-    cap: float = 50.0  # softcap only: logits become cap * tanh(logits / cap)
 
 
 # --- softmax functions: scores (with the additive mask already applied) -> probabilities ----

@@ -13,7 +13,6 @@ import itertools
 import json
 import logging
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -21,66 +20,12 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
-from .processing import ProcessorSpec
+from .specs import PADDING_SIDES, TASKS, DataSpec
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # what the loss skips (torch's cross_entropy default)
 PLACEHOLDER = "<image>"
-NAMES = ("shapes", "jsonl")
-PADDING_SIDES = ("left", "right")
-
-
-@dataclass
-class DataSpec:
-    name: str = "shapes"              # shapes | jsonl
-    num_train: int = 512              # shapes only: split sizes
-    num_val: int = 64
-    num_test: int = 64
-    image_size: int = 56              # shapes only: 56x56 -> 4 image tokens
-    train_file: str | None = None     # jsonl only: .jsonl (one object a line) or .json (a list)
-    val_file: str | None = None
-    test_file: str | None = None
-    image_root: str | None = None     # image paths are relative to this (default: the file's dir)
-    skip_bad: bool = False            # skip and count bad records instead of raising
-    padding_side: str = "right"       # left | right
-    normalize: bool = True            # False feeds raw pixels (0..pixel_max) to the vision tower
-    pixel_max: int = 255              # normalize=false: 255 (8-bit) or 65535 (16-bit files)
-    max_length: int | None = None     # truncate each sequence to this many tokens (a cutoff_len)
-    tasks: list[str] | None = None    # shapes only: question kinds (default: shape, colour,
-    #                                   position; the tiny base is pretrained on captions)
-    min_pixels: int = 3136
-    max_pixels: int = 3136
-    num_workers: int = 0
-
-    def check(self) -> None:
-        """One-line errors naming the key and what it allows."""
-        if self.name not in NAMES:
-            raise ValueError(f"data.name={self.name}: allowed {', '.join(NAMES)}")
-        if self.padding_side not in PADDING_SIDES:
-            raise ValueError(f"data.padding_side={self.padding_side}: allowed left, right")
-        if self.name == "jsonl" and not self.train_file:
-            raise ValueError(f"data.train_file={self.train_file}: data=jsonl needs data.train_file")
-        for key in ("num_train", "image_size", "min_pixels", "max_pixels"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"data.{key}={getattr(self, key)}: must be >= 1")
-        for key in ("num_val", "num_test", "num_workers"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"data.{key}={getattr(self, key)}: must be >= 0")
-        unknown = sorted(set(self.tasks or ()) - set(QUESTIONS))
-        if unknown:
-            raise ValueError(f"data.tasks={unknown[0]}: allowed {', '.join(QUESTIONS)}")
-        if self.pixel_max not in (255, 65535):
-            raise ValueError(f"data.pixel_max={self.pixel_max}: allowed 255, 65535")
-        if self.max_length is not None and self.max_length < 1:
-            raise ValueError(f"data.max_length={self.max_length}: must be >= 1 (or null)")
-        if self.min_pixels > self.max_pixels:
-            raise ValueError(f"data.min_pixels={self.min_pixels}: must be <= data.max_pixels="
-                             f"{self.max_pixels}")
-
-    def processor_spec(self) -> ProcessorSpec:
-        return ProcessorSpec(min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-                             normalize=self.normalize)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,6 +45,7 @@ QUESTIONS = {
     "caption": ("Describe the image.", "Caption this image."),
 }
 # Every distinct sample: splits are disjoint slices of one seeded shuffle of these keys.
+assert tuple(QUESTIONS) == TASKS, "specs.TASKS lists the question kinds"
 SHAPE_KEYS = list(itertools.product(SHAPES, COLOURS, SIZES, POSITIONS, BACKGROUNDS, QUESTIONS))
 FINE_TUNING_TASKS = ("shape", "colour", "position")  # the tiny base learned "caption"
 

@@ -8,17 +8,10 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from lightning.pytorch.callbacks import Callback
 
-GUARDS = ("none", "skip_step", "clamp")
-
-
-@dataclass
-class GuardSpec:
-    name: str = "none"
+from .specs import GUARDS, GuardSpec
 
 
 class SkipNonFiniteStep(Callback):

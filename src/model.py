@@ -11,51 +11,14 @@ vanilla class: `load_checkpoint` builds it from the saved config and loads the s
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .specs import LoraSpec, ModelSpec  # noqa: F401  (this module's specs)
+
 QK_NORM_KEY = "nanlab_qk_norm"  # set in a checkpoint's config.json when it has qk-norm
 QK_NORM_EPS = 1e-6
-
-
-@dataclass
-class LoraSpec:
-    r: int = 0  # 0 turns LoRA off
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-
-
-@dataclass
-class ModelSpec:
-    name: str = "tiny"
-    path: str | None = None  # a local directory: loads from_pretrained instead of building
-    init: str = "random"     # tiny only: random | base (the project's pretrained tiny base)
-    base_steps: int = 300    # init=base: pretraining steps of the base (src/base.py)
-    ref_lr: float | None = None  # the reference fine-tuning lr: records give lr_x = lr / ref_lr
-    # tiny-model sizes (ignored when loading a checkpoint)
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 128
-    vision_hidden_size: int = 64
-    vision_depth: int = 2
-    vision_heads: int = 2
-    vision_intermediate_size: int = 128
-    window_size: int = 56                  # vision window in pixels (112 in the real models)
-    fullatt_block_indexes: list[int] | None = None  # default: the last vision block
-    mrope_section: list[int] | None = None          # default: split from the head size
-    # architecture change: per-head RMSNorm on q and k before RoPE, both towers (needs a base
-    # pretrained with it: the tiny base is built and cached separately)
-    qk_norm: bool = False
-    freeze_vision: bool = False
-    freeze_merger: bool = False
-    freeze_llm: bool = False
-    vision_lr: float | None = None
-    lora: LoraSpec = field(default_factory=LoraSpec)
 
 
 def tiny_config(spec: ModelSpec):

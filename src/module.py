@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -21,39 +20,7 @@ import torch.nn.functional as F
 from transformers import get_cosine_schedule_with_warmup
 
 from .model import is_vision_param
-
-OPTIMIZERS = ("adamw", "stable_adamw")
-
-
-@dataclass
-class OptimSpec:
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    clip: float = 1.0          # gradient-norm clip; 0 turns it off (the Trainer applies it)
-    max_steps: int = 100
-    weight_decay: float = 0.0
-    vision_lr: float | None = None
-    name: str = "adamw"        # adamw | stable_adamw (update clipping)
-    eps: float = 1e-8          # AdamW's epsilon (torch's default)
-    betas: tuple[float, float] | list[float] = (0.9, 0.999)
-    z_loss: float = 0.0        # PaLM's z-loss coefficient (1e-4 there); 0 = off
-
-    def check(self) -> None:
-        """One-line errors naming the key and what it allows."""
-        if self.name not in OPTIMIZERS:
-            raise ValueError(f"optim.name={self.name}: allowed {', '.join(OPTIMIZERS)}")
-        if not (_number(self.eps) and self.eps > 0):
-            raise ValueError(f"optim.eps={self.eps}: must be a positive number")
-        betas = list(self.betas) if isinstance(self.betas, (list, tuple)) else None
-        if not (betas and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)):
-            raise ValueError(f"optim.betas={self.betas}: must be two numbers in [0, 1), "
-                             "e.g. [0.9,0.95]")
-        if not (_number(self.z_loss) and self.z_loss >= 0):
-            raise ValueError(f"optim.z_loss={self.z_loss}: must be a number >= 0 (0 turns it off)")
-
-
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+from .specs import OPTIMIZERS, OptimSpec  # noqa: F401  (this module's spec)
 
 
 def supervised_loss(model, batch: dict, z_loss: float = 0.0,

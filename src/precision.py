@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -21,17 +20,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 from torch.utils._python_dispatch import TorchDispatchMode
 
-PRECISIONS = ("fp32", "bf16", "bf16_true", "fp16", "progressive")
-HALF_GEMMS = ("auto", "fp32_accumulate", "native")
+from .specs import HALF_GEMMS, PRECISIONS, PrecisionSpec
+
 HALF = (torch.bfloat16, torch.float16)
 aten = torch.ops.aten
-
-
-@dataclass
-class PrecisionSpec:
-    name: str = "bf16"
-    switch_step: int = 20     # progressive only: fp32 steps before bf16
-    half_gemm: str = "auto"   # auto: fp32_accumulate on CPUs without native half GEMM
 
 
 class Fp32AccumulatedHalfGemm(TorchDispatchMode):

@@ -33,101 +33,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
 import src  # noqa: F401  (sets the offline environment before anything else loads)
 
-from .attention import SoftmaxSpec
-from .data import DataSpec
-from .precision import PrecisionSpec
-from .serve import (  # noqa: F401  (locate, split_rows: the probe's API, tested as such)
-    IGNORE_INDEX,
-    locate,
-    nonfinite,
-    properties,
-    scan_row,
-    short,
-    split_rows,
-    summarize,
-    verdict,
-)
-from .stress import StressSpec
-
-TABLE = "samples"            # samples.parquet / samples.csv in each job's dir
-SETTINGS = "probe.json"
-SPLITS = ("train", "val", "test")
-AXES = ("precision", "softmax", "padding_side", "stress")  # what a probe sweep varies
-
-
-@dataclass
-class ProbeOptions:
-    max_new_tokens: int = 0      # > 0: also generate this many tokens per sample
-    out: str | None = None       # where the table goes (default: the Hydra output dir)
-    limit: int | None = None     # only the first N samples of the split
-    batched: bool = True         # the batched forward (step 1); False: rows alone only
-    show: int = 20               # non-finite samples listed in the printed summary
-
-
-@dataclass
-class ProbeSpec:
-    checkpoint: str = ""
-    data: DataSpec = field(default_factory=DataSpec)
-    precision: PrecisionSpec = field(default_factory=PrecisionSpec)
-    softmax: SoftmaxSpec = field(default_factory=SoftmaxSpec)
-    stress: StressSpec = field(default_factory=StressSpec)
-    probe: ProbeOptions = field(default_factory=ProbeOptions)
-    split: str = "test"
-    batch_size: int = 8
-    seed: int = 0                # the data seed: shapes' splits depend on it (train's seed)
-    device: str = "auto"         # auto | cpu | cuda
-
-
-# --- config -> spec -------------------------------------------------------------------------
-
-def spec_from_config(cfg: dict) -> ProbeSpec:
-    """The resolved config (a plain dict) as a ProbeSpec; one-line errors for bad values."""
-    from . import attention, precision, stress
-    from .train import _build
-
-    top = {f.name for f in dataclasses.fields(ProbeSpec)} - {"data", "precision", "softmax",
-                                                             "stress", "probe"}
-    unknown = sorted(set(cfg) - top - {"data", "precision", "softmax", "stress", "probe",
-                                       "hydra"})
-    if unknown:
-        raise ValueError(f"{unknown[0]}: unknown key; allowed: {', '.join(sorted(top))}")
-    spec = ProbeSpec(
-        data=_build(DataSpec, cfg.get("data"), "data"),
-        precision=_build(PrecisionSpec, cfg.get("precision"), "precision"),
-        softmax=_build(SoftmaxSpec, cfg.get("softmax"), "softmax"),
-        stress=_build(StressSpec, cfg.get("stress"), "stress"),
-        probe=_build(ProbeOptions, cfg.get("probe"), "probe"),
-        **{k: cfg[k] for k in top if k in cfg},
-    )
-    rules = [
-        (not spec.checkpoint, "checkpoint: required (a save.hf / save_pretrained directory)"),
-        (spec.split not in SPLITS, f"split={spec.split}: allowed {', '.join(SPLITS)}"),
-        (spec.batch_size <= 0, f"batch_size={spec.batch_size}: must be > 0"),
-        (spec.probe.max_new_tokens < 0,
-         f"probe.max_new_tokens={spec.probe.max_new_tokens}: must be >= 0"),
-        (spec.device not in ("auto", "cpu", "cuda"),
-         f"device={spec.device}: allowed auto, cpu, cuda"),
-        (spec.softmax.name not in attention.VARIANTS,
-         f"softmax={spec.softmax.name}: allowed {', '.join(attention.VARIANTS)}"),
-        (spec.precision.name not in precision.PRECISIONS,
-         f"precision={spec.precision.name}: allowed {', '.join(precision.PRECISIONS)}"),
-        (spec.stress.name not in stress.STRESSES,
-         f"stress={spec.stress.name}: allowed {', '.join(stress.STRESSES)}"),
-    ]
-    for bad, message in rules:
-        if bad:
-            raise ValueError(message)
-    return spec
-
+from .config import CONF_DIR, probe_spec_from_config, validate_cli
+from .probe_report import SETTINGS, TABLE, combine, print_summary
+from .specs import SPLITS, ModelSpec, ProbeOptions, ProbeSpec  # noqa: F401  (the probe's specs)
 
 # --- data --------------------------------------------------------------------------------
 
@@ -156,6 +71,8 @@ def load_samples(spec: ProbeSpec) -> list[dict]:
 
 def _prompt(row: dict) -> dict:
     """The row cut before its last assistant reply (its left padding kept)."""
+    from .data import IGNORE_INDEX
+
     labels = row["labels"][0]
     supervised = set((labels != IGNORE_INDEX).nonzero().flatten().tolist())
     start = max(supervised) if supervised else labels.numel()
@@ -169,14 +86,6 @@ def _prompt(row: dict) -> dict:
 
 # --- the probe ---------------------------------------------------------------------------
 
-def _device(spec: ProbeSpec) -> str:
-    import torch
-
-    if spec.device != "auto":
-        return spec.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _to(batch: dict, device: str) -> dict:
     import torch
 
@@ -188,36 +97,34 @@ def probe(spec: ProbeSpec, out_dir: str | Path | None = None, quiet: bool = Fals
     import pandas as pd
     import torch
 
-    from . import attention, precision, stress
+    from . import precision
+    from .build import build_parts, pick_device, plant_stress
     from .checkpoint import resolve
     from .data import Collator
-    from .model import ModelSpec, build_model
-    from .module import NanLabModule, OptimSpec
+    from .module import supervised_loss
     from .monitor import AttentionStats
-    from .processing import load_processor
+    from .serve import nonfinite, properties, scan_row, split_rows
 
     path = resolve(spec.checkpoint)
-    device = _device(spec)
     torch.manual_seed(spec.seed)
-    processor = load_processor(spec.data.processor_spec(), str(path))
-    model = build_model(ModelSpec(path=str(path)), spec.seed).eval()
-    attention.apply(model, spec.softmax, spec.stress.mask)
+    # the checkpoint's own model and processor, through training's build path
+    parts = build_parts(ModelSpec(path=str(path)), spec.data, spec.softmax, spec.stress,
+                        spec.precision, spec.seed,
+                        spec.device if spec.device != "auto" else pick_device("auto"))
+    processor, model, plugin = parts.processor, parts.model.eval(), parts.plugin
     collate = Collator(processor, spec.data.padding_side, spec.data.max_length,
                        spec.data.pixel_max)
-    transform = stress.batch_transform(spec.stress, processor.tokenizer.pad_token_id)
     samples = load_samples(spec)
     batches = []
     for start in range(0, len(samples), spec.batch_size):
         batch = collate(samples[start:start + spec.batch_size])
-        batches.append(transform(batch, len(batches)) if transform else batch)
-    if spec.stress.name in stress.NEEDS_MODEL:
-        with torch.no_grad():  # calibrated in fp32 on the first batch, as training does
-            stress.apply_to_model(spec.stress, model, batches[0],
-                                  NanLabModule(model, OptimSpec()).compute_loss,
-                                  processor.tokenizer.convert_tokens_to_ids(spec.stress.token))
-    plugin, _ = precision.build_plugin(spec.precision, device)
+        batches.append(parts.batch_transform(batch, len(batches)) if parts.batch_transform
+                       else batch)
+    with torch.no_grad():  # calibrated in fp32 on the first batch, as training does
+        plant_stress(parts, spec.stress, batches[0], lambda b: supervised_loss(model, b))
     if isinstance(plugin, precision.ProgressiveMixed):
         plugin.active = True  # a fine-tuned checkpoint is past the fp32 warm-up
+    device = parts.device
     model = plugin.convert_module(model.to(device))
     config = model.config
     image_token_id = config.image_token_id
@@ -247,7 +154,7 @@ def probe(spec: ProbeSpec, out_dir: str | Path | None = None, quiet: bool = Fals
                                          tokenizer))
                 records.append(rec)
     table = pd.DataFrame.from_records(records)
-    settings = settings_of(spec, str(path), table, getattr(plugin, "half_gemm", "native"))
+    settings = settings_of(spec, str(path), table, parts.half_gemm)
     if out_dir is not None:
         write(table, settings, out_dir)
     if not quiet:
@@ -277,6 +184,8 @@ def _generate(model, plugin, prompt: dict, max_new_tokens: int, tokenizer) -> di
 # --- outputs ---------------------------------------------------------------------------
 
 def settings_of(spec: ProbeSpec, checkpoint: str, table, half_gemm: str = "native") -> dict:
+    from .serve import summarize, verdict
+
     n_bad = int(table["nonfinite"].sum())
     return {
         "checkpoint": checkpoint, "split": spec.split, "batch_size": spec.batch_size,
@@ -298,146 +207,6 @@ def write(table, settings: dict, out_dir: str | Path) -> Path:
     table.to_csv(out_dir / f"{TABLE}.csv", index=False)
     (out_dir / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
     return out_dir
-
-
-def _buckets(values):
-    """A property's values as a few labelled groups: its own values when they are few
-    integers, else quartiles."""
-    import pandas as pd
-
-    few = values.nunique(dropna=False) <= 6
-    if few and (values.dtype.kind in "iub" or values.nunique(dropna=False) <= 2):
-        return values.astype(str)
-    try:
-        return pd.qcut(values, 4, duplicates="drop", precision=3).astype(str)
-    except (ValueError, TypeError):
-        return values.astype(str)
-
-
-def _console():
-    from rich.console import Console
-
-    # a file or a pipe gets wide tables rather than rich's 80-column default
-    return Console(width=None if sys.stdout.isatty() else 160)
-
-
-def print_summary(table, settings: dict, show: int = 20) -> None:
-    from rich.table import Table
-
-    console = _console()
-    n, bad = len(table), int(table["nonfinite"].sum())
-    cell = " ".join(f"{k}={settings[k]}" for k in ("precision", "softmax", "padding_side",
-                                                   "stress"))
-    console.print(f"[bold]probe[/bold] {settings['checkpoint']} ({settings['split']}, "
-                  f"{n} samples, batch_size={settings['batch_size']}): {cell}")
-    colour = "red" if bad else "green"
-    console.print(f"[{colour}]{bad} of {n} samples non-finite[/{colour}]")
-    console.print(settings["verdict"], markup=False)
-    disagree = table["batch_nonfinite"].notna() & (
-        table["batch_nonfinite"].astype(bool) != table["nonfinite"].astype(bool))
-    if disagree.any():
-        console.print(f"[yellow]{int(disagree.sum())} samples differ between the batched "
-                      "forward and the row alone[/yellow]")
-    failing = table[table["nonfinite"].astype(bool)]
-    if bad:
-        by_module = Table(title="first non-finite module")
-        for col in ("module", "tower", "layer", "part", "dtype", "samples"):
-            by_module.add_column(col)
-        groups = failing.assign(m=failing["first_module"].map(short)).fillna(
-            {"first_dtype": "-", "first_part": "logits"})
-        counts = groups.groupby(["m", "first_tower", "first_layer", "first_part", "first_dtype"],
-                                dropna=False).size().sort_values(ascending=False)
-        for (m, tower, layer, part, dtype), count in counts.items():
-            layer = "-" if layer is None or math.isnan(layer) else str(int(layer))
-            by_module.add_row(m, str(tower), layer, str(part), str(dtype), str(count))
-        console.print(by_module)
-    by_prop = Table(title="non-finite by property")
-    for col in ("property", "value", "samples", "non-finite", "rate"):
-        by_prop.add_column(col)
-    for prop in ("num_pad", "seq_len", "n_image_tokens", "pixel_max", "max_attn_logit"):
-        groups = table.groupby(_buckets(table[prop]), sort=True)["nonfinite"]
-        for value, g in groups:
-            k = int(g.astype(bool).sum())
-            by_prop.add_row(prop, str(value), str(len(g)), str(k), f"{k / len(g):.0%}")
-    console.print(by_prop)
-    if bad:
-        listed = Table(title=f"non-finite samples (first {min(show, bad)} of {bad})")
-        for col in ("id", "num_pad", "seq_len", "image tokens", "first module",
-                    "max attn logit"):
-            listed.add_column(col)
-        for _, r in failing.head(show).iterrows():
-            listed.add_row(str(r["id"]), str(r["num_pad"]), str(r["seq_len"]),
-                           str(r["n_image_tokens"]), short(r["first_module"]),
-                           f"{r['max_attn_logit']:.4g}")
-        console.print(listed)
-
-
-# --- combining a sweep --------------------------------------------------------------------
-
-def collect(sweep_dir: str | Path):
-    """Every job's table under sweep_dir, with its settings as columns (one long table)."""
-    import pandas as pd
-
-    frames = []
-    for settings_path in sorted(Path(sweep_dir).rglob(SETTINGS)):
-        table_path = settings_path.with_name(f"{TABLE}.parquet")
-        if not table_path.is_file():
-            continue
-        settings = json.loads(settings_path.read_text())
-        table = pd.read_parquet(table_path)
-        for axis in AXES:
-            table[axis] = settings[axis]
-        table["job"] = str(settings_path.parent.relative_to(sweep_dir))
-        frames.append(table.dropna(axis=1, how="all"))  # e.g. first_module when all finite
-    if not frames:
-        raise ValueError(f"{sweep_dir}: no probe tables ({TABLE}.parquet) under it")
-    return pd.concat(frames, ignore_index=True)
-
-
-def combine(sweep_dir: str | Path, quiet: bool = False):
-    """For the samples non-finite in some job: under which settings they are finite.
-    Writes combined.parquet (every job's rows) and fixes.csv (failing sample x setting)."""
-    sweep_dir = Path(sweep_dir)
-    long = collect(sweep_dir)
-    varied = [a for a in AXES if long[a].nunique() > 1] or ["softmax"]
-    long["setting"] = long[varied].apply(
-        lambda r: " ".join(f"{a}={r[a]}" for a in varied), axis=1)
-    long.to_parquet(sweep_dir / "combined.parquet", index=False)
-    bad = long["nonfinite"].astype(bool)
-    failing_ids = sorted(long.loc[bad, "id"].unique())
-    # True: finite under that setting; empty: the sample was not in that job
-    wide = (long.assign(finite=~bad)[long["id"].isin(failing_ids)]
-            .pivot_table(index="id", columns="setting", values="finite", aggfunc="all")
-            .reindex(failing_ids))
-    settings = list(wide.columns)
-    wide["finite_under"] = wide.apply(
-        lambda r: "; ".join(s for s in settings if r[s] == 1) or "none", axis=1)
-    wide.to_csv(sweep_dir / "fixes.csv")
-    if not quiet:
-        _print_combined(long, wide, settings, failing_ids)
-    return wide
-
-
-def _print_combined(long, wide, settings, failing_ids) -> None:
-    from rich.table import Table
-
-    console = _console()
-    jobs = long.groupby("setting").agg(samples=("id", "size"), nonfinite=("nonfinite", "sum"))
-    t = Table(title=f"probe sweep: {len(failing_ids)} samples non-finite under some setting")
-    for col in ("setting", "samples", "non-finite", "failing samples finite here"):
-        t.add_column(col)
-    for s in settings if failing_ids else jobs.index:
-        fixed = int(wide[s].eq(True).sum()) if failing_ids else 0
-        t.add_row(s, str(jobs.loc[s, "samples"]), str(int(jobs.loc[s, "nonfinite"])),
-                  f"{fixed} of {len(failing_ids)}")
-    console.print(t)
-    if failing_ids:
-        per = Table(title="failing samples: the settings that make them finite")
-        per.add_column("id")
-        per.add_column("finite under")
-        for sample_id, r in wide.head(30).iterrows():
-            per.add_row(str(sample_id), r["finite_under"])
-        console.print(per)
 
 
 # --- the Hydra entry ---------------------------------------------------------------------
@@ -464,7 +233,7 @@ def hydra_job(cfg) -> None:
         if OmegaConf.is_missing(cfg, "checkpoint"):
             raise ValueError("checkpoint=???: required: a run dir trained with save.hf=true, "
                              "its hf/, or a save_pretrained directory")
-        spec = spec_from_config(OmegaConf.to_container(cfg, resolve=True))
+        spec = probe_spec_from_config(OmegaConf.to_container(cfg, resolve=True))
         out = spec.probe.out or HydraConfig.get().runtime.output_dir
         probe(spec, out)
     except Exception as e:  # noqa: BLE001 - one line, and the sweep goes on
@@ -487,9 +256,7 @@ def main() -> None:
         return
     import hydra
 
-    from .train import CONF_DIR, validate_cli
-
-    problem = validate_cli(args)
+    problem = validate_cli(args, ProbeSpec)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

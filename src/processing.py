@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+from .specs import ProcessorSpec
 
 # Qwen2.5's special tokens in id order, starting at 151643 (from its tokenizer_config.json).
 SPECIAL_TOKENS = [
@@ -46,13 +47,6 @@ CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-@dataclass
-class ProcessorSpec:
-    min_pixels: int = 56 * 56
-    max_pixels: int = 56 * 56
-    normalize: bool = True  # False feeds raw 0-255 pixels: the "data preprocessing" factor
 
 
 def ranks_file() -> Path:

@@ -176,3 +176,20 @@ def read_record(path: str | os.PathLike) -> Record:
 
 def find_records(*roots: str | os.PathLike) -> list[Path]:
     return sorted(p for root in roots for p in Path(root).rglob(RECORD_NAME))
+
+
+def find_done(root: str | os.PathLike, config_hash: str) -> Path | None:
+    """A record of this config under root that a rerun should keep (not error/interrupted)."""
+    for path in find_records(root):
+        rec = read_record(path)
+        if rec.config_hash == config_hash and rec.status not in ("error", "interrupted"):
+            return path
+    return None
+
+
+def short(name: str | None) -> str:
+    """A module's name as records and tables show it: llm.0.self_attn, vit.1.attn."""
+    if name is None:
+        return "-"
+    return (name.replace("model.language_model.layers.", "llm.")
+            .replace("model.visual.blocks.", "vit.").replace("model.", ""))

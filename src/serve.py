@@ -13,41 +13,27 @@ import contextlib
 import math
 import re
 import time
-from dataclasses import dataclass
 
 import torch
 
+from .record import short
+from .specs import SERVE_PRECISIONS, ServeSpec
+
 IGNORE_INDEX = -100
 # name -> (the weights' dtype, the autocast dtype or None)
-SERVE_PRECISIONS = {
+SERVE_DTYPES = {
     "bf16": (torch.bfloat16, None),            # from_pretrained(torch_dtype=torch.bfloat16)
     "fp16": (torch.float16, None),             # from_pretrained(torch_dtype=torch.float16)
     "fp32": (torch.float32, None),
     "bf16_autocast": (torch.float32, torch.bfloat16),  # fp32 weights under bf16 autocast: a
     #                    bf16-mixed Trainer's validation/test step, or autocast inference
 }
+assert tuple(SERVE_DTYPES) == SERVE_PRECISIONS, "specs.SERVE_PRECISIONS names these"
 LAYER = re.compile(r"(language_model\.layers|visual\.blocks)\.(\d+)")
 PARTS = {"self_attn": "attention", "attn": "attention", "mlp": "mlp", "merger": "merger",
          "embed_tokens": "embedding", "patch_embed": "patch_embed", "lm_head": "lm_head",
          "norm": "norm", "input_layernorm": "norm", "post_attention_layernorm": "norm",
          "norm1": "norm", "norm2": "norm"}
-
-
-@dataclass
-class ServeSpec:
-    enabled: bool = True          # after a run that stayed finite: scan the test split
-    precision: str = "bf16"       # bf16 | fp16 | fp32 weights, or bf16_autocast
-    padding_side: str = "left"    # batched generation pads on the left
-    batch_size: int = 8
-
-    def check(self) -> None:
-        if self.precision not in SERVE_PRECISIONS:
-            raise ValueError(f"serve.precision={self.precision}: allowed "
-                             f"{', '.join(SERVE_PRECISIONS)}")
-        if self.padding_side not in ("left", "right"):
-            raise ValueError(f"serve.padding_side={self.padding_side}: allowed left, right")
-        if self.batch_size < 1:
-            raise ValueError(f"serve.batch_size={self.batch_size}: must be >= 1")
 
 
 def serve_test(model, processor, samples: list[dict], spec: ServeSpec, data_spec,
@@ -60,7 +46,7 @@ def serve_test(model, processor, samples: list[dict], spec: ServeSpec, data_spec
     from .precision import Fp32AccumulatedHalfGemm
 
     started = time.time()
-    dtype, autocast = SERVE_PRECISIONS[spec.precision]
+    dtype, autocast = SERVE_DTYPES[spec.precision]
     model.eval().to(dtype)
     collate = Collator(processor, spec.padding_side, data_spec.max_length, data_spec.pixel_max)
     half = (dtype != torch.float32 or autocast is not None) and half_gemm == "fp32_accumulate"
@@ -217,13 +203,6 @@ def locate(name: str | None) -> dict:
     part = next((PARTS[n] for n in names if n in PARTS), names[-1] if m is None else "block")
     return {"first_tower": tower, "first_layer": int(m.group(2)) if m else None,
             "first_part": part}
-
-
-def short(name: str | None) -> str:
-    if name is None:
-        return "-"
-    return (name.replace("model.language_model.layers.", "llm.")
-            .replace("model.visual.blocks.", "vit.").replace("model.", ""))
 
 
 def nonfinite(t) -> bool:

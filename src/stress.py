@@ -19,42 +19,11 @@ through computation on transformers' code path, never by writing inf or NaN anyw
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from .monitor import AttentionStats
-
-STRESSES = ("none", "logit_growth", "fp16_overflow", "masked_rows", "empty_targets",
-            "grad_poison", "lr_spike", "pixel_range", "serving_masked_rows")
-
-
-@dataclass
-class StressSpec:
-    name: str = "none"
-    # the study's data (conf/stress/<name>.yaml); the map and the report read them
-    mechanism: str = ""
-    reference: str = ""
-    cause: str | None = None     # what the monitor records when the mechanism fires
-    baseline: list[str] = field(default_factory=list)      # overrides under which it fails
-    predictions: list[dict] = field(default_factory=list)  # {advice, mitigation, effect, why}
-    judged_on: str = "training"  # or "test": the run's test pass (serve.*) shows the failure
-    # the mechanisms' parameters
-    target_logit: float = 60.0   # logit_growth
-    token: str = "<|im_start|>"  # fp16_overflow: the token that carries the massive activation
-    magnitude: float = 1e5       # fp16_overflow: above fp16's 65,504, far below bf16's max
-    channels: int = 2            # fp16_overflow
-    mask: str = "transformers"   # masked_rows, grad_poison: summed_planes
-    pad: int = 6                 # grad_poison: extra left padding of one sample ...
-    every: int = 4               # ... every this many batches
-    factor: float = 30.0         # lr_spike
-    at: int = 8                  # lr_spike
-    length: int = 3              # lr_spike
-
-
-def check(spec: StressSpec) -> None:
-    if spec.name not in STRESSES:
-        raise ValueError(f"stress={spec.name}: allowed {', '.join(STRESSES)}")
+from .specs import STRESSES, StressSpec  # noqa: F401  (this module's spec)
 
 
 @torch.no_grad()

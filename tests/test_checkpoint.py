@@ -12,10 +12,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from src.checkpoint import resolve, save_pretrained
+from src.config import compose_spec
 from src.data import Collator, DataSpec, shapes_splits
 from src.model import LoraSpec, ModelSpec, build_model
 from src.processing import ProcessorSpec, load_processor
-from src.train import compose_spec, run
+from src.runner import run
 
 
 def _samples(n: int = 3) -> list[dict]:

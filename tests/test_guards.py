@@ -7,7 +7,7 @@ from helpers import spec
 from src import guards
 from src.guards import GuardSpec
 from src.model import build_model
-from src.train import run
+from src.runner import run
 
 
 def test_skip_step_drops_the_update_and_counts_it():

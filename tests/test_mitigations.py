@@ -23,12 +23,12 @@ from helpers import spec
 from hydra_plugins.nanlab_sweeper.mechanism_sweeper import merge_overrides
 from src import attention, stress
 from src.attention import SoftmaxSpec
+from src.config import compose_spec
 from src.model import ModelSpec, attach_qk_norm_hooks, build_model, has_qk_norm, load_checkpoint
 from src.module import NanLabModule, OptimSpec, StableAdamW, supervised_loss
 from src.monitor import AttentionStats
 from src.precision import Fp32AccumulatedHalfGemm
 from src.stress import StressSpec
-from src.train import compose_spec
 
 FP16_MAX = 65504.0
 

@@ -6,7 +6,7 @@ import torch
 from helpers import spec
 from src import precision
 from src.precision import Fp32AccumulatedHalfGemm, PrecisionSpec
-from src.train import run
+from src.runner import run
 
 
 def test_lightning_alone_would_swap_fp16_for_bf16_on_cpu():

@@ -22,7 +22,8 @@ from src.checkpoint import save_pretrained
 from src.data import DataSpec, draw_shape
 from src.model import ModelSpec, build_model
 from src.precision import PrecisionSpec
-from src.probe import ProbeOptions, ProbeSpec, combine, locate, probe, split_rows
+from src.probe import ProbeOptions, ProbeSpec, combine, probe
+from src.serve import locate, split_rows
 from src.stress import StressSpec
 
 LONG = "A large red circle in the top left corner of a white picture, drawn with care."

@@ -7,11 +7,12 @@ import dataclasses
 
 import pytest
 
+from src.config import compose_spec
 from src.data import Collator, shapes_splits
 from src.probe import ProbeSpec, probe
 from src.processing import load_processor
+from src.runner import run
 from src.serve import ServeSpec, verdict
-from src.train import compose_spec, run
 
 BASE = ["experiment=nan_map_base", "logger=none", "max_steps=4", "stress=serving_masked_rows",
         "precision=bf16", "softmax=stable", "lr_x=1", "serve.precision=bf16_autocast"]

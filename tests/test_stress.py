@@ -6,12 +6,12 @@ import torch
 from helpers import spec
 from src import attention, stress
 from src.attention import SoftmaxSpec
+from src.config import compose_spec
 from src.data import Collator, DataSpec, NanDataModule, shapes_splits
 from src.model import build_model
 from src.module import NanLabModule, OptimSpec
 from src.monitor import AttentionStats
 from src.stress import StressSpec
-from src.train import compose_spec
 
 IM_START = 151644
 
