@@ -1,6 +1,6 @@
-"""The frontier by bisection (hydra_plugins/nanlab_sweeper/bisection_sweeper.py): the search
-as plain Python against fake oracles, the sweeper's settings and combinations, and one slow
-end-to-end sweep through the real entry point."""
+"""The frontier by bisection: the search (hydra_plugins/nanlab_sweeper/bisection.py) as plain
+Python against fake oracles, the sweeper (bisection_sweeper.py next to it): its settings and
+combinations, and one slow end-to-end sweep through the real entry point."""
 from __future__ import annotations
 
 import csv
@@ -12,24 +12,22 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
-from hydra_plugins.nanlab_sweeper.bisection_sweeper import (
+from helpers import hydra_cfg
+from hydra_plugins.nanlab_sweeper.bisection import (
     Bisection,
-    BisectionSweeper,
     bisect,
     bisect_all,
     dense_runs,
     fmt,
-    free_job_idx,
     grid_value,
     is_stable,
 )
+from hydra_plugins.nanlab_sweeper.bisection_sweeper import BisectionSweeper, free_job_idx
 from src.record import read_record
 from src.report import collect
 from src.sweep import grid_size
-from src.train import CONF_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,7 +94,9 @@ def test_one_failing_seed_makes_a_point_unstable():
 def test_stalled_is_not_stable_unless_asked():
     # finite everywhere, but trained only up to 1.0: stalled above
     oracle = threshold(1.0, above="stalled")
-    assert bisect(oracle, 0.03, 30, 4)["largest_stable"] <= 1.0
+    result = bisect(oracle, 0.03, 30, 4)
+    assert result["outcome"] == "bracketed"
+    assert result["largest_stable"] <= 1.0 < result["smallest_unstable"]
     assert bisect(oracle, 0.03, 30, 4, stable_if=("ok", "stalled"))["outcome"] == "above_range"
     assert not is_stable(["stalled"]) and is_stable(["stalled"], ("ok", "stalled"))
 
@@ -153,11 +153,6 @@ def test_job_numbers_never_land_on_another_runs_record(tmp_path):
 
 
 # --- the sweeper's settings ------------------------------------------------------------------
-
-
-def hydra_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
 
 
 def test_combinations_expand_like_the_basic_sweeper():
@@ -217,7 +212,12 @@ def test_bisection_sweep_end_to_end(tmp_path):
     assert result["runs"] == 4 and result["dense_runs"] == 5 and doc["runs"] == 4
     lo, hi = result["bracket"]
     assert 0.1 <= lo < hi <= 30 and hi / lo == pytest.approx(300 ** 0.25, rel=1e-3)
-    assert result["largest_stable"] == lo
+    # the bracket is what the probes say: its ends are the largest stable and the smallest
+    # unstable value run, the range's ends among them (ok at 0.1, non-finite at 30)
+    probes = {p["value"]: p for p in result["probes"]}
+    assert lo == max(x for x, p in probes.items() if p["stable"])
+    assert hi == min(x for x, p in probes.items() if not p["stable"])
+    assert probes[0.1]["statuses"] == {"0": "ok"} and probes[30]["statuses"] == {"0": "nonfinite"}
 
     # one ordinary record per probe, with the probe's lr_x and seed and the status it returned
     records = {p: read_record(p) for p in tmp_path.rglob("record.json")}
