@@ -34,16 +34,16 @@ $(STAMP): pyproject.toml
 train: $(STAMP)  ## one run on the embedded default (tiny Qwen2.5-VL, shapes data, bf16, sdpa)
 	$(PY) -m src.train $(ARGS)
 
-test: $(STAMP)  ## the whole suite, slow end-to-end tests included
-	$(PY) -m pytest -q $(ARGS)
+test: $(STAMP)  ## the whole suite, slow end-to-end tests included (what CI runs; < 15 min on 2 cores)
+	$(PY) -m pytest -q --durations=15 $(ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP)  ## the tier to run on every change: no end-to-end sweeps (< 3 min on 2 cores)
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests hydra_plugins experiments
 
-bench: $(STAMP)  ## monitor cost and half-precision matmul modes, as ratios measured side by side
+bench: $(STAMP)  ## wrappers (bare loop, src.train, transformers.Trainer), monitor and precision costs as ratios; ARGS=--quick: the wrapper table alone (< 2 min)
 	$(PY) -m experiments.bench $(ARGS)
 
 sweep-local: $(STAMP)  ## the default map on this machine (~15 min on 2 cores), then the report

@@ -24,7 +24,8 @@ def _same_batch(a: dict, b: dict) -> bool:
 def replay(run_dir: str | Path, out_dir: str | Path | None = None) -> tuple[bool, str]:
     from omegaconf import OmegaConf
 
-    from .train import run, spec_from_config
+    from .config import spec_from_config
+    from .runner import run
 
     run_dir = Path(run_dir)
     recorded = read_record(run_dir / RECORD_NAME)

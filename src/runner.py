@@ -98,19 +98,19 @@ def run(spec: RunSpec, run_dir: str | Path, extra_callbacks: list | None = None)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = base_record(spec, run_dir)
     started = time.time()
-    logger = None
     interrupted: Interrupted | None = None
-    trainer = None
+    # the trainer and logger as soon as they exist: an interrupt inside fit still needs them
+    made: dict = {}
     # Lightning composes its own SIGTERM handler with this one (it calls both).
     previous = {sig: signal.signal(sig, raise_interrupted)
                 for sig in (signal.SIGTERM, signal.SIGINT)} if main_thread() else {}
     try:
         with quiet(spec.multirun and not spec.trainer.verbose):
-            trainer, logger = _fit(spec, run_dir, record, extra_callbacks)
+            _fit(spec, run_dir, record, extra_callbacks, made)
     except Interrupted as e:
         interrupted = e
         record.status, record.signal = "interrupted", str(e)
-        record.steps_done = trainer.global_step if trainer is not None else 0
+        record.steps_done = made["trainer"].global_step if "trainer" in made else 0
     except Exception as e:  # noqa: BLE001 - every failure becomes a record, never a crash
         record.status = "error"
         record.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -120,14 +120,14 @@ def run(spec: RunSpec, run_dir: str | Path, extra_callbacks: list | None = None)
             signal.signal(sig, handler)
         record.wall_time_s = round(time.time() - started, 2)
         write_record(record, run_dir)
-        _finish_logger(logger, record)
+        _finish_logger(made.get("logger"), record)
     if interrupted is not None:  # the record is written: now stop as the signal asked
         print(record.verdict(), file=sys.stderr)
         raise SystemExit(128 + interrupted.signum)
     return record
 
 
-def _fit(spec: RunSpec, run_dir: Path, record: Record, extra_callbacks):
+def _fit(spec: RunSpec, run_dir: Path, record: Record, extra_callbacks, made: dict) -> None:
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -155,14 +155,14 @@ def _fit(spec: RunSpec, run_dir: Path, record: Record, extra_callbacks):
     guard_callbacks, guard = guards.build_guard(spec.guard, parts.model)
     monitor = NanMonitor(spec.monitor, tolerate_nonfinite_grads=spec.guard.name == "skip_step")
     callbacks = [monitor, *guard_callbacks, *parts.precision_callbacks, *(extra_callbacks or [])]
-    logger = _logger(spec, run_dir)
+    logger = made["logger"] = _logger(spec, run_dir)
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if spec.save.checkpoint:
         callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
                                          every_n_train_steps=max(spec.optim.max_steps // 4, 1)))
     val_every = spec.trainer.val_every
-    trainer = L.Trainer(
+    trainer = made["trainer"] = L.Trainer(
         accelerator=device, devices=spec.trainer.devices, strategy=spec.trainer.strategy,
         plugins=[parts.plugin], max_steps=spec.optim.max_steps, callbacks=callbacks,
         logger=logger, default_root_dir=str(run_dir),
@@ -190,7 +190,6 @@ def _fit(spec: RunSpec, run_dir: Path, record: Record, extra_callbacks):
                                      spec.data, record.half_gemm).items():
             setattr(record, key, value)
     _write_history(monitor, run_dir)
-    return trainer, logger
 
 
 @contextlib.contextmanager
@@ -200,6 +199,8 @@ def quiet(enabled: bool):
     if not enabled:
         yield
         return
+    import lightning.pytorch  # noqa: F401  (its import sets its loggers to INFO: first)
+
     loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch",
                                                "lightning.fabric", "lightning_fabric")]
     levels = [lg.level for lg in loggers]
