@@ -130,6 +130,21 @@ class Record:
                     f"steps (attempt {self.attempt}); rerunning the sweep redoes it.")
         return f"ERROR: {cell} did not run: {self.error}"
 
+    def brief(self) -> str:
+        """A few words for a sweep's one line per cell: the cause and step of a failure, the
+        loss of a finite run, the test-time result when it failed."""
+        if self.status in ("nonfinite", "diverged"):
+            text = f"{self.cause or 'unknown'} at step {self.first_bad_step}"
+        elif self.status in ("ok", "stalled"):
+            text = f"loss {_fmt(self.initial_loss)} -> {_fmt(self.final_loss)}"
+            if self.test_status not in (None, "finite"):
+                text += f", test {self.test_nonfinite}/{self.test_samples} non-finite"
+        elif self.status == "interrupted":
+            text = f"{self.signal} after {self.steps_done} steps"
+        else:
+            text = str(self.error or "")[:120]
+        return text
+
     def test_verdict(self) -> str:
         if self.test_status is None:
             return ""

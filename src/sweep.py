@@ -39,7 +39,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from .record import RECORD_NAME, STATUSES
+from .record import RECORD_NAME, STATUSES, read_record
 from .slurm import SLURM_JOBS
 
 OUTCOMES = (*STATUSES, "skipped")       # ok, ..., interrupted, error, skipped
@@ -94,6 +94,19 @@ def job_outcome(config: Any, job_return: Any) -> str:
     except (OSError, ValueError, AttributeError):
         status = None
     return status if status in OUTCOMES else "error"
+
+
+def cell_brief(config: Any, status: str) -> str:
+    """What a cell ran and how it ended, in a few words, from its overrides and record:
+    the sweep's one line per cell (the job itself prints nothing in a multirun)."""
+    try:
+        task = [o for o in _select(config, "hydra.overrides.task", []) or []
+                if not str(o).startswith(("hydra.", "experiment="))]
+        out = _select(config, "hydra.runtime.output_dir", "")
+        why = read_record(Path(str(out)) / RECORD_NAME).brief() if status != "skipped" else ""
+    except (OSError, ValueError, TypeError):
+        return ""
+    return (f" {why}" if why else "") + (f" · {' '.join(map(str, task))}" if task else "")
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -229,7 +242,7 @@ class SweepProgress(Callback):
             marker = {"num": num, "status": status, "seconds": took, "end": time.time()}
             self.seen[num] = marker
             self._write_marker(config, marker)
-            cell = f"[{STYLE.get(status, '')}]{status}[/]"
+            cell = f"[{STYLE.get(status, '')}]{status}[/]{cell_brief(config, status)}"
             print_markup(f"cell #{num} {cell} ({fmt_duration(took)}) │ {self._status_line()}")
         except Exception as e:  # noqa: BLE001
             _warn("on_job_end", e)

@@ -56,19 +56,22 @@ def _job(cfg, hc, run_dir: Path, overrides: list[str]) -> str:
         record.lr = float(cfg.get("lr")) if isinstance(cfg.get("lr"), (int, float)) else math.nan
         record.seed = int(cfg.get("seed", 0))
         write_record(record, run_dir)
-        print(f"error: {e}", file=sys.stderr)
+        if not multirun:  # a sweep's cell line (src/sweep.py) says it
+            print(f"error: {e}", file=sys.stderr)
         LAST_STATUS.append("error")
         return "error"
     if multirun and not cfg.get("force", False):
         done = find_done(Path(hc.sweep.dir), spec.config_hash)
         if done is not None:
-            print(f"skip: this cell is done already ({done}); force=true reruns it")
+            if spec.trainer.verbose:
+                print(f"skip: this cell is done already ({done}); force=true reruns it")
             LAST_STATUS.append("skipped")
             return "skipped"
     from .runner import run  # torch, transformers and Lightning load here, not before
 
     record = run(spec, run_dir)
-    print(record.verdict())
+    if not multirun or spec.trainer.verbose:  # a sweep prints one line per cell instead
+        print(record.verdict())
     LAST_STATUS.append(record.status)
     return record.status
 

@@ -29,6 +29,7 @@ def _logits(model, batch: dict) -> torch.Tensor:
         return model.eval()(**inputs, use_cache=False).logits
 
 
+@pytest.mark.slow
 def test_save_pretrained_reloads_in_plain_transformers(tmp_path, processor):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
@@ -158,6 +159,7 @@ def _assert_same_curve(full, cut, resumed):
     assert all(math.isfinite(x) for x in full["loss"])
 
 
+@pytest.mark.slow
 def test_resumed_run_continues_the_loss_curve(tmp_path, fast_processor):
     """Optimizer, scheduler, step and weights come back from last.ckpt: steps CUT.. of the
     resumed run match the uninterrupted run. One batch per epoch, so the data order is the

@@ -36,6 +36,7 @@ def committed() -> pd.DataFrame:
     return df
 
 
+@pytest.mark.slow
 def test_committed_map_hashes_match_the_current_config(committed):
     """Each row's config hash from its overrides. Composing takes ~0.2 s, so each cell (the
     overrides but `seed=`) is composed once with compose_spec, and its other seeds are

@@ -127,6 +127,7 @@ def test_cells_share_identity_across_seeds_only():
     assert c.cell != a.cell  # a key that changes a run changes the cell, axis or not
 
 
+@pytest.mark.slow
 def test_sigterm_records_interrupted_and_a_rerun_redoes_it(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "src.train", *CSV, "max_steps=500",

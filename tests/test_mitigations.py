@@ -72,10 +72,10 @@ def test_eps_and_betas_reach_the_optimizer(name, cls):
 
 @pytest.mark.parametrize("override,message", [
     ("optim.name=sgd", r"^optim.name=sgd: allowed adamw, stable_adamw$"),
-    ("optim.eps=0", r"^optim.eps=0: must be a positive number$"),
+    ("optim.eps=0", r"^optim.eps=0.0: must be a positive number$"),
     ("optim.betas=[0.9]", r"^optim.betas=\[0.9\]: must be two numbers in \[0, 1\)"),
     ("optim.betas=[0.9,1.0]", r"^optim.betas=\[0.9, 1.0\]: must be two numbers"),
-    ("optim.z_loss=-1", r"^optim.z_loss=-1: must be a number >= 0"),
+    ("optim.z_loss=-1", r"^optim.z_loss=-1.0: must be a number >= 0"),
     ("+optim.lr=1", r"^optim.lr: unknown key \(a top-level key: lr=...\); allowed: name, eps"),
 ])
 def test_bad_optim_values_are_one_line_errors(override, message):

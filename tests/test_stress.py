@@ -152,4 +152,4 @@ def test_lr_spike_multiplier():
 
 def test_unknown_stress_is_one_line_error():
     with pytest.raises(ValueError, match=r"^stress=heat: allowed none, logit_growth"):
-        stress.check(StressSpec("heat"))
+        StressSpec("heat").check()

@@ -227,6 +227,7 @@ def basic_sweep(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow
 def test_multirun_basic_launcher_leaves_one_record_per_cell(basic_sweep):
     out, proc = basic_sweep
     df = collect(out)
@@ -238,6 +239,7 @@ def test_multirun_basic_launcher_leaves_one_record_per_cell(basic_sweep):
     assert "sweep 3/3 (100%)" in proc.stdout and "sweep done" in proc.stdout
 
 
+@pytest.mark.slow
 def test_multirun_bad_cell_is_an_error_record_and_the_sweep_goes_on(basic_sweep):
     out, proc = basic_sweep
     recs = {r.lr: r for r in records(out).values()}

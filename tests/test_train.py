@@ -52,6 +52,7 @@ def test_every_softmax_option_trains_a_few_steps(softmax, tmp_path):
     assert rec.max_attn_logit is not None and 1 < rec.initial_loss < 11.9
 
 
+@pytest.mark.slow
 def test_wandb_offline_one_run_dir_per_job_with_outcome_summary(tmp_path):
     sweep = tmp_path / "sweep"
     out = cli("-m", *[a for a in FAST if not a.startswith("logger")], "logger=wandb",
