@@ -67,10 +67,12 @@ def build_base(spec, target: Path, log=print) -> dict:
     weights are children of the attention modules, so they are saved with it)."""
     from transformers import Qwen2_5_VLForConditionalGeneration, get_cosine_schedule_with_warmup
 
-    from .data import Collator, DataSpec, shapes_splits
+    from .data import Collator
     from .model import apply_qk_norm, tiny_config
     from .module import supervised_loss
     from .processing import load_processor
+    from .shapes import shapes_splits
+    from .specs import DataSpec
 
     started = time.time()
     threads = torch.get_num_threads()

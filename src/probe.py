@@ -47,7 +47,8 @@ from .specs import SPLITS, ModelSpec, ProbeOptions, ProbeSpec  # noqa: F401  (th
 # --- data --------------------------------------------------------------------------------
 
 def load_samples(spec: ProbeSpec) -> list[dict]:
-    from .data import JsonlDataset, shapes_splits
+    from .data import JsonlDataset
+    from .shapes import shapes_splits
 
     data = spec.data
     if data.name == "shapes":

@@ -19,11 +19,12 @@ import torch
 from helpers import cli
 from src.attention import SoftmaxSpec
 from src.checkpoint import save_pretrained
-from src.data import DataSpec, draw_shape
+from src.data import DataSpec
 from src.model import ModelSpec, build_model
 from src.precision import PrecisionSpec
 from src.probe import ProbeOptions, ProbeSpec, combine, probe
 from src.serve import locate, split_rows
+from src.shapes import draw_shape
 from src.stress import StressSpec
 
 LONG = "A large red circle in the top left corner of a white picture, drawn with care."
