@@ -3,39 +3,18 @@ import json
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from helpers import FAST, cli
-from src.monitor import MonitorSpec, NanMonitor, _hooked_backward, first_nonfinite_forward
+from src.guards import SkipNonFiniteStep
+from src.monitor import MonitorSpec, NanMonitor, build_callbacks, check_order
 from src.record import read_record
+from src.specs import GuardSpec
 
 # random init (model.init=random): the monitor's machinery on a known case
 NAN_RUN = ["model.init=random", "softmax=naive", "lr=0.3", "precision=fp32", "max_steps=12",
            "monitor.every=4"]
-
-
-class Sqrt(torch.nn.Module):
-    def forward(self, x):
-        return x.sqrt()
-
-
-def test_forward_locator_names_the_innermost_first_bad_module():
-    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2)),
-                              torch.nn.Linear(2, 2))
-    with torch.no_grad():
-        net[1][0].weight.fill_(float("inf"))
-    name, dtype, out = first_nonfinite_forward(net, lambda: net(torch.ones(1, 2)))
-    assert name == "1.0" and dtype == "float32" and not torch.isfinite(out).all()
-
-
-def test_backward_locator_names_the_module_that_made_the_gradient_non_finite():
-    net = torch.nn.Sequential(torch.nn.Linear(2, 2), Sqrt(), torch.nn.Linear(2, 1))
-    with torch.no_grad():
-        net[0].weight.zero_()
-        net[0].bias.zero_()  # sqrt(0): finite forward, infinite derivative
-    name, dtype = _hooked_backward(net, lambda: net(torch.ones(1, 2)).sum(),
-                                   lambda loss: loss.backward())
-    assert name == "1" and dtype == "float32"
 
 
 def test_divergence_needs_patience_and_counts_spikes():
@@ -43,7 +22,7 @@ def test_divergence_needs_patience_and_counts_spikes():
     trainer = SimpleNamespace(should_stop=False)
     losses = [10, 5, 2, 1, 9, 1, 9, 9, 9, 9]
     for step, loss in enumerate(losses):
-        monitor._watch_divergence(trainer, step, float(loss))
+        monitor.watch_divergence(trainer, step, float(loss))
         if trainer.should_stop:
             break
     assert monitor.failure.status == "diverged"
@@ -54,8 +33,44 @@ def test_spikes_are_counted_without_stopping():
     monitor = NanMonitor(MonitorSpec(diverge_factor=4.0, patience=3, spike_factor=2.0))
     trainer = SimpleNamespace(should_stop=False)
     for step, loss in enumerate([4, 4, 4, 4, 12, 4, 4, 4, 4, 12, 4]):
-        monitor._watch_divergence(trainer, step, float(loss))
+        monitor.watch_divergence(trainer, step, float(loss))
     assert monitor.spikes == 2 and monitor.failure is None and not trainer.should_stop
+
+
+def _optimizer_step_hooks(callbacks) -> NanMonitor:
+    """on_before_optimizer_step through `callbacks` in list order, as Lightning runs them, on
+    a step whose gradient holds a NaN; returns the monitor."""
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.ones(1, 2)).sum().backward()
+    layer.weight.grad[0, 0] = float("nan")
+    monitor = next(c for c in callbacks if isinstance(c, NanMonitor))
+    monitor.begin_step(({}, None, None))  # (batch, RNG state, precision flag)
+    trainer = SimpleNamespace(global_step=0, max_steps=100, should_stop=False,
+                              precision_plugin=SimpleNamespace())
+    module = SimpleNamespace(log=lambda *args, **kwargs: None)
+    for callback in callbacks:
+        callback.on_before_optimizer_step(trainer, module, optimizer)
+    return monitor
+
+
+def test_the_monitor_sees_gradients_before_skip_step_drops_them():
+    callbacks, monitor, guard = build_callbacks(MonitorSpec(), GuardSpec("skip_step"), None)
+    assert isinstance(guard, SkipNonFiniteStep) and guard in callbacks
+    assert _optimizer_step_hooks(callbacks) is monitor
+    assert monitor._skips_in_row == 1 and math.isnan(monitor._grad_norm)  # a skipped step
+    assert guard.fired == 1 and monitor.failure is None
+    # the other order: the guard drops the NaN gradient first and the monitor sees none
+    late = NanMonitor(MonitorSpec(), tolerate_nonfinite_grads=True)
+    _optimizer_step_hooks([SkipNonFiniteStep(), late])
+    assert late._skips_in_row == 0 and late._grad_norm == 0.0
+    with pytest.raises(ValueError, match="NanMonitor must come before SkipNonFiniteStep"):
+        check_order([SkipNonFiniteStep(), late])
+
+
+def test_build_callbacks_without_a_skipping_guard():
+    callbacks, monitor, guard = build_callbacks(MonitorSpec(), GuardSpec("none"), None)
+    assert callbacks == [monitor] and guard is None and not monitor.tolerate_grads
 
 
 def test_forced_nan_run_exits_0_with_verdict_record_and_same_replay(tmp_path):
