@@ -132,11 +132,11 @@ def _fit(spec: RunSpec, run_dir: Path, record: Record, extra_callbacks, made: di
     import torch
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from . import guards, stress
+    from . import stress
     from .build import build_parts, pick_device, plant_stress
     from .data import NanDataModule
     from .module import NanLabModule
-    from .monitor import NanMonitor
+    from .monitor import build_callbacks
 
     L.seed_everything(spec.seed, workers=True, verbose=False)
     device = pick_device(spec.trainer.accelerator)
@@ -152,9 +152,9 @@ def _fit(spec: RunSpec, run_dir: Path, record: Record, extra_callbacks, made: di
         calib = module.transform(next(iter(data.train_dataloader())), step=0)
         plant_stress(parts, spec.stress, calib, module.compute_loss)
     record.half_gemm = parts.half_gemm
-    guard_callbacks, guard = guards.build_guard(spec.guard, parts.model)
-    monitor = NanMonitor(spec.monitor, tolerate_nonfinite_grads=spec.guard.name == "skip_step")
-    callbacks = [monitor, *guard_callbacks, *parts.precision_callbacks, *(extra_callbacks or [])]
+    # the monitor before the guard: it must see the gradients skip_step drops (check_order)
+    checks, monitor, guard = build_callbacks(spec.monitor, spec.guard, parts.model)
+    callbacks = [*checks, *parts.precision_callbacks, *(extra_callbacks or [])]
     logger = made["logger"] = _logger(spec, run_dir)
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -224,7 +224,7 @@ def main_thread() -> bool:
 def _fill_outcome(record: Record, trainer, monitor, guard) -> None:
     h = monitor.history
     finite = [x for x in h.loss if math.isfinite(x)]
-    record.steps_done = trainer.global_step
+    record.steps_done = monitor.steps_done  # deferred checks may have run past a failure
     record.initial_loss = finite[0] if finite else None
     record.final_loss = finite[-1] if finite else None
     record.best_loss = min(finite) if finite else None
