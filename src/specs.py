@@ -313,8 +313,8 @@ class SaveSpec:
 # --- the entry points' configs ----------------------------------------------------------------
 
 @dataclass
-class RunConfig:
-    """The schema of conf/config.yaml: `python -m src.train` composes its groups onto this."""
+class Groups:
+    """The config groups (one conf/ folder and one spec each) a run is made of."""
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     precision: PrecisionSpec = field(default_factory=PrecisionSpec)
@@ -326,6 +326,15 @@ class RunConfig:
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     serve: ServeSpec = field(default_factory=ServeSpec)
     save: SaveSpec = field(default_factory=SaveSpec)
+    batch_size: int = 4
+    seed: int = 0
+    ckpt_path: str | None = None  # resume from a Lightning checkpoint
+
+
+@dataclass
+class RunConfig(Groups):
+    """The schema of conf/config.yaml: `python -m src.train` composes its groups onto this.
+    The optimizer's numbers are top-level keys (lr=1e-5), its switches under `optim.`."""
     optim: OptimSwitches = field(default_factory=OptimSwitches)
     lr: float = OptimSpec.lr
     lr_x: float | None = None    # set: lr = lr_x * model.ref_lr (the lr on the real model's scale)
@@ -333,30 +342,13 @@ class RunConfig:
     clip: float = OptimSpec.clip
     max_steps: int = OptimSpec.max_steps
     weight_decay: float = OptimSpec.weight_decay
-    batch_size: int = 4
-    seed: int = 0
     force: bool = False          # rerun a sweep cell whose record already exists
-    ckpt_path: str | None = None  # resume from a Lightning checkpoint
 
 
 @dataclass
-class RunSpec:
+class RunSpec(Groups):
     """One run, resolved and checked: what src.runner.run executes."""
-    model: ModelSpec = field(default_factory=ModelSpec)
-    data: DataSpec = field(default_factory=DataSpec)
-    precision: PrecisionSpec = field(default_factory=PrecisionSpec)
-    softmax: SoftmaxSpec = field(default_factory=SoftmaxSpec)
-    stress: StressSpec = field(default_factory=StressSpec)
-    guard: GuardSpec = field(default_factory=GuardSpec)
-    monitor: MonitorSpec = field(default_factory=MonitorSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
-    logger: LoggerSpec = field(default_factory=LoggerSpec)
-    trainer: TrainerSpec = field(default_factory=TrainerSpec)
-    save: SaveSpec = field(default_factory=SaveSpec)
-    serve: ServeSpec = field(default_factory=ServeSpec)
-    batch_size: int = 4
-    seed: int = 0
-    ckpt_path: str | None = None
     config_hash: str = ""
     cell: str = ""               # config_hash without the seed: the report's cell identity
     overrides: list[str] = field(default_factory=list)
