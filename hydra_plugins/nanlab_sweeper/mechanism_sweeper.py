@@ -68,6 +68,7 @@ class MechanismSweeper(BasicSweeper):
         cells = [] if self.mechanisms == "none" else [
             merge_overrides(fixed, cell) for cell in mechanism_cells(self.mechanisms, self.seeds)]
         jobs = grid + cells
-        log.info(f"map: {len(grid)} grid cells + {len(cells)} mechanism cells")
+        # the sweep progress line counts them too (it calls this once more): debug only
+        log.debug(f"map: {len(grid)} grid cells + {len(cells)} mechanism cells")
         size = max_batch_size or len(jobs)
         return [jobs[i:i + size] for i in range(0, len(jobs), size)]
