@@ -1,55 +1,53 @@
 """`make bench`: costs measured side by side in one run, printed as ratios.
 
-1. The monitor: off, default (checks every step, attention statistics every 10 steps),
+1. Wrappers (experiments/bench_wrappers.py): a bare PyTorch loop, `src.train` with the
+   monitor off and on, and `transformers.Trainer`, training the same model on the same
+   batches with the same loss and optimizer (fp32, CPU, one thread); speeds as ratios to the
+   bare loop, with PASS/MISS against the targets (monitor on >= 0.97x monitor off,
+   src.train >= 0.97x the bare loop, >= 1.1x transformers.Trainer). On a GPU also the
+   monitor's host-sync cost (monitor.sync_every=1 vs auto); on CPU one line says it needs one.
+2. The monitor: off, default (checks every step, attention statistics every 10 steps),
    and every attention statistic on every step.
-2. Seconds per step for each precision, and half-precision matmuls on this CPU: native
+3. Seconds per step for each precision, and half-precision matmuls on this CPU: native
    kernels vs fp32-accumulate (bf16).
-Configs are interleaved over rounds so drift on a shared machine hits all alike; each
-figure is the median step time after warm-up steps.
+Configs are interleaved step by step (each in its own thread, one running at a time) so
+drift on a shared machine hits all alike. A step's time runs from the end of the step before
+to its own end (all the work between steps counts); a config's time per step is the mean
+over the steps after warm-up, and each figure is the median over rounds.
+
+    python -m experiments.bench                  # all parts (~4 min on 2 cores)
+    python -m experiments.bench --quick          # the wrapper table alone, < 2 min
+    python -m experiments.bench --part monitor   # one part (wrapper, sync, monitor, precision)
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 
-from lightning.pytorch.callbacks import Callback
+from experiments import bench_wrappers as wrappers
 
-from src.train import compose_spec, run
-
-QUIET = ["logger=none", "trainer.progress=false"]
-
-
-def spec(*overrides):
-    return compose_spec(*QUIET, *overrides)
-
-
-class StepTimer(Callback):
-    def __init__(self, warmup: int):
-        self.warmup, self.times = warmup, []
-
-    def on_train_batch_start(self, trainer, *args):
-        self.t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step > self.warmup:
-            self.times.append(time.perf_counter() - self.t0)
+QUIET = ["logger=none", "trainer.progress=false", "serve.enabled=false"]
+PARTS = ("wrapper", "sync", "monitor", "precision")
+# (steps after warm-up, rounds) per part; --quick: the wrapper table in under two minutes
+SIZES = {"wrapper": (40, 5), "sync": (160, 3), "monitor": (10, 3), "precision": (3, 1)}
+QUICK = {"wrapper": (10, 4), "sync": (160, 3)}
 
 
 def measure(configs: dict[str, list[str]], steps: int, rounds: int, warmup: int = 2):
+    """Median seconds per step of src.train for each config (Hydra overrides), the configs
+    interleaved step by step (bench_wrappers.run_round)."""
+    compose_spec, _ = wrappers.api()
+    total = warmup + steps
+    jobs = {name: (wrappers.train_src, compose_spec(*QUIET, *o, f"max_steps={total}",
+                                                    "data.num_train=64"))
+            for name, o in configs.items()}
     times: dict[str, list[float]] = {name: [] for name in configs}
-    for r in range(rounds):
-        for name, overrides in configs.items():
-            timer = StepTimer(warmup)
-            with tempfile.TemporaryDirectory() as tmp:
-                rec = run(spec(*overrides, f"max_steps={steps + warmup}", "data.num_train=64"),
-                          tmp, extra_callbacks=[timer])
-            if rec.status != "ok":
-                raise SystemExit(f"{name}: {rec.verdict()}")
-            times[name] += timer.times
-            print(f"  round {r + 1}/{rounds} {name}: {statistics.median(timer.times):.3f} s/step",
-                  flush=True)
+    for r, order in enumerate(wrappers.orders(configs, rounds)):
+        timings = wrappers.run_round({name: jobs[name] for name in order}, total)
+        for name in order:
+            times[name].append(timings[name].per_step(warmup))
+            print(f"  round {r + 1}/{rounds} {name}: {times[name][-1]:.3f} s/step", flush=True)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -58,8 +56,12 @@ def check_cost_ms(repeats: int = 20) -> float:
     and the parameter check (the same _foreach_norm calls NanMonitor makes)."""
     import torch
 
-    from src.model import ModelSpec, build_model
+    from src.model import build_model
 
+    try:  # the specs' home (src.model before the split into config modules)
+        from src.specs import ModelSpec
+    except ImportError:
+        from src.model import ModelSpec
     torch.set_num_threads(1)
     params = list(build_model(ModelSpec(), seed=0).parameters())
     for p in params:
@@ -84,35 +86,65 @@ def table(title: str, medians: dict[str, float], base: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--skip-gemm", action="store_true")
-    args = parser.parse_args(argv)
+def wrapper_part(steps: int, rounds: int) -> str:
+    res = wrappers.compare(steps, rounds, log=lambda s: print(s, flush=True))
+    return wrappers.table(res, 3, steps)
+
+
+def monitor_part(steps: int, rounds: int) -> str:
     monitor = measure({
         "monitor off": ["monitor.enabled=false"],
         "monitor default (every=10)": ["monitor.every=10"],
         "monitor all stats each step": ["monitor.every=1"],
-    }, args.steps, args.rounds)
-    out = [table("Monitor cost (bf16, sdpa; ratio = step time / monitor off)", monitor,
-                 "monitor off")]
+    }, steps, rounds)
     ms = check_cost_ms()
-    out.append(f"per-step checks timed alone: {ms:.1f} ms = {ms / 10 / monitor['monitor off']:.2f}% "
-               "of a monitor-off step (the end-to-end ratios above also carry this machine's noise)")
-    if not args.skip_gemm:
-        gemm = measure({
-            "fp32": ["precision=fp32", "monitor.every=0"],
-            "bf16 fp32_accumulate": ["precision.half_gemm=fp32_accumulate", "monitor.every=0"],
-            "bf16_true fp32_accumulate": ["precision=bf16_true", "monitor.every=0"],
-            "fp16 fp32_accumulate": ["precision=fp16", "monitor.every=0"],
-            "progressive (after switch)": ["precision=progressive", "precision.switch_step=0",
-                                           "monitor.every=0"],
-            "bf16 native": ["precision.half_gemm=native", "monitor.every=0"],
-        }, max(args.steps // 4, 2), 1)
-        out.append(table("Precisions on this CPU (ratio = step time / fp32; one torch thread)",
-                         gemm, "fp32"))
+    return "\n".join([
+        table("Monitor cost (bf16, sdpa; ratio = step time / monitor off)", monitor,
+              "monitor off"),
+        (f"per-step checks timed alone: {ms:.1f} ms = {ms / 10 / monitor['monitor off']:.2f}% "
+         "of a monitor-off step (the end-to-end ratios above also carry this machine's noise)")])
+
+
+def precision_part(steps: int, rounds: int) -> str:
+    gemm = measure({
+        "fp32": ["precision=fp32", "monitor.every=0"],
+        "bf16 fp32_accumulate": ["precision.half_gemm=fp32_accumulate", "monitor.every=0"],
+        "bf16_true fp32_accumulate": ["precision=bf16_true", "monitor.every=0"],
+        "fp16 fp32_accumulate": ["precision=fp16", "monitor.every=0"],
+        "progressive (after switch)": ["precision=progressive", "precision.switch_step=0",
+                                       "monitor.every=0"],
+        "bf16 native": ["precision.half_gemm=native", "monitor.every=0"],
+    }, steps, rounds)
+    return table("Precisions on this CPU (ratio = step time / fp32; one torch thread)", gemm,
+                 "fp32")
+
+
+RUN = {"wrapper": wrapper_part, "sync": lambda s, r: wrappers.sync_cost(s, r),
+       "monitor": monitor_part, "precision": precision_part}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("all", *PARTS), default="all")
+    parser.add_argument("--quick", action="store_true",
+                        help="the wrapper comparison (and, on a GPU, the sync cost) at a "
+                             "size that prints in under two minutes")
+    parser.add_argument("--steps", type=int, help="steps after warm-up (each part's default)")
+    parser.add_argument("--rounds", type=int, help="rounds (each part's default)")
+    parser.add_argument("--skip-gemm", action="store_true", help="leave out the precision part")
+    args = parser.parse_args(argv)
+    parts = PARTS if args.part == "all" else (args.part,)
+    if args.quick:
+        parts = [p for p in parts if p in QUICK] or parts
+    if args.skip_gemm:
+        parts = [p for p in parts if p != "precision"]
+    started, out = time.perf_counter(), []
+    for part in parts:
+        steps, rounds = (QUICK if args.quick and part in QUICK else SIZES)[part]
+        print(f"{part}:", flush=True)
+        out.append(RUN[part](args.steps or steps, args.rounds or rounds))
     print("\n".join(out))
+    print(f"\n(bench wall time {time.perf_counter() - started:.0f} s)")
 
 
 if __name__ == "__main__":
