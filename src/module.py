@@ -142,10 +142,30 @@ class NanLabModule(L.LightningModule):
         the record's losses are this objective)."""
         return supervised_loss(self.model, batch, self.optim.z_loss, parts)
 
+    # The monitor's total gradient norm of this step, handed over where it is exactly what
+    # clip_grad_norm_ computes (fp32 gradients, one device): clipping scales by it instead
+    # of a second pass over every gradient (~5 ms of a 0.19 s tiny step) - the same bits.
+    grad_norm_seen: tuple | None = None  # (the gradients it was computed over, the norm)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None):
+        seen, self.grad_norm_seen = self.grad_norm_seen, None
+        if seen is not None and gradient_clip_val and gradient_clip_algorithm == "norm":
+            grads, total = seen
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            now = [p.grad for p in params if p.grad is not None]
+            if len(now) == len(grads) and all(a is b for a, b in zip(now, grads)):
+                torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, total)
+                return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def training_step(self, batch, batch_idx):
         parts = {} if self.optim.z_loss else None
         loss = self.compute_loss(batch, parts)
         n = batch["labels"].shape[0]
+        if self._trainer is not None and not (self.trainer.loggers
+                                              or self.trainer.progress_bar_callback):
+            return loss  # log() costs ~1 ms a call; with no logger and no bar it shows nowhere
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         if parts:
             self.log("train/ce", parts["ce"], batch_size=n)

@@ -152,7 +152,8 @@ class NanMonitor(Callback):
         self.attention = SampledAttention(pl_module.model, self.spec.every)
         self.started = time.time()
         cuda = pl_module.device.type == "cuda"
-        self.sync_every = self.spec.sync_every or (CUDA_SYNC_EVERY if cuda else 1)
+        self.sync_every = self.spec.sync_every or (
+            CUDA_SYNC_EVERY if cuda and _snapshot_fits(pl_module) else 1)
         if self.spec.enabled and self.sync_every > 1:
             self.deferred = DeferredChecks(self, trainer, pl_module)
 
@@ -188,13 +189,19 @@ class NanMonitor(Callback):
         # no gradient at all (everything frozen, or dropped before this hook): norm 0
         norms = torch._foreach_norm([p.grad for p in params]) if params else []
         total = torch.linalg.vector_norm(torch.stack(norms).float()) if norms else None
+        if total is not None and all(p.grad.dtype == torch.float32 and p.grad.device == total.device
+                                     for p in params):
+            pl_module.grad_norm_seen = ([p.grad for p in params], total)  # clipping reuses it
         if self.deferred:
             self.deferred.note_grads(total, optimizer,
                                      getattr(trainer.precision_plugin, "active", None))
-            pl_module.log("train/grad_norm", total if total is not None else 0.0, batch_size=1)
+            if trainer.loggers:  # Lightning's log() costs ~1 ms a call: only where it goes somewhere
+                pl_module.log("train/grad_norm", total if total is not None else 0.0,
+                              batch_size=1)
             return
         total = total.item() if total is not None else 0.0
-        pl_module.log("train/grad_norm", total, batch_size=1)
+        if trainer.loggers:
+            pl_module.log("train/grad_norm", total, batch_size=1)
         verdict = self.grads_verdict(trainer, trainer.global_step, total)
         if verdict == "backward":
             self.fail(trainer, pl_module, "backward")
@@ -352,6 +359,23 @@ class NanMonitor(Callback):
 
 
 _POISON = "finite gradients, non-finite parameters after the optimizer step"
+
+
+def _snapshot_fits(pl_module) -> bool:
+    """auto on CUDA: deferred checks keep a snapshot of ~3x the trainable weights (weights
+    and AdamW's two moments, src/deferred.py), and AdamW has not allocated its own 2x yet
+    when training starts: defer only where the device has room for both with a margin, else
+    read every step as on CPU (a full fine-tune filling the GPU must not go out of memory
+    for the sake of a faster check)."""
+    trainable = sum(p.numel() * p.element_size() for p in pl_module.parameters()
+                    if p.requires_grad)
+    free, _ = torch.cuda.mem_get_info(pl_module.device)
+    fits = free >= 6 * trainable
+    if not fits:
+        print(f"monitor: reading its checks every step (sync_every=1): deferred checks need "
+              f"~{3 * trainable / 2**30:.1f} GiB for their snapshot, {free / 2**30:.1f} GiB "
+              "is free; monitor.sync_every=N forces them")
+    return fits
 
 
 def _nonfinite_fraction(params) -> float:

@@ -210,8 +210,9 @@ class MonitorSpec:
     max_skipped_in_row: int = 10  # fp16 loss scaler or guard=skip_step: this many skipped
     #                               steps in a row is a failure
     train_margin: float = 0.1    # ok needs final loss < initial loss x (1 - margin), else stalled
-    sync_every: int = 0          # the host reads the device-side checks every N steps
-    #                              (0: auto, 1 on CPU where reading costs nothing, 32 on CUDA)
+    sync_every: int = 0          # the host reads the device-side checks every N steps (0:
+    #                              auto: 1 on CPU, where reading costs nothing; 32 on CUDA
+    #                              where the snapshot of deferred.py fits, else 1)
 
     def check(self) -> None:
         if self.sync_every < 0:

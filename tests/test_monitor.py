@@ -46,7 +46,7 @@ def _optimizer_step_hooks(callbacks) -> NanMonitor:
     layer.weight.grad[0, 0] = float("nan")
     monitor = next(c for c in callbacks if isinstance(c, NanMonitor))
     monitor.begin_step(({}, None, None))  # (batch, RNG state, precision flag)
-    trainer = SimpleNamespace(global_step=0, max_steps=100, should_stop=False,
+    trainer = SimpleNamespace(global_step=0, max_steps=100, should_stop=False, loggers=[],
                               precision_plugin=SimpleNamespace())
     module = SimpleNamespace(log=lambda *args, **kwargs: None)
     for callback in callbacks:
@@ -104,3 +104,51 @@ def test_forced_nan_run_exits_0_with_verdict_record_and_same_replay(tmp_path):
     assert replay.returncode == 0, replay.stdout + replay.stderr[-2000:]
     assert "replay agrees" in replay.stdout
     assert json.loads((tmp_path / "replay" / "record.json").read_text())["module"] == rec.module
+
+
+def test_auto_defers_on_cuda_only_where_the_snapshot_fits(monkeypatch, capsys):
+    """sync_every=0 on CUDA: deferred checks keep ~3x the trainable weights; with AdamW's
+    2x still to come, a device without 6x free reads every step instead (and says so)."""
+    from src import monitor as mon
+
+    model = torch.nn.Linear(256, 256)  # 257 * 256 fp32 parameters
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.device = torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (6 * trainable, 0))
+    assert mon._snapshot_fits(model)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (6 * trainable - 1, 0))
+    assert not mon._snapshot_fits(model)
+    assert "sync_every=1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16_true"])
+def test_clipping_with_the_monitors_norm_is_bitwise_the_usual_clip(precision, tmp_path,
+                                                                     monkeypatch):
+    """The monitor hands its gradient norm to clipping (one pass over the gradients, not
+    two) only where it is what clip_grad_norm_ computes: the same losses, norms and weights
+    as Lightning's own clipping (bf16_true: bf16 gradients, the usual path)."""
+    import lightning as L
+
+    from helpers import spec
+    from src.module import NanLabModule
+    from src.runner import run
+
+    overrides = (f"precision={precision}", "clip=0.05", "max_steps=4", "serve.enabled=false",
+                 "lr_x=1")
+    seen = []
+    usual = NanLabModule.configure_gradient_clipping
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.grad_norm_seen is not None)
+        return usual(self, *args, **kwargs)
+
+    monkeypatch.setattr(NanLabModule, "configure_gradient_clipping", spy)
+    reused = run(spec(*overrides), tmp_path / "reused")
+    monkeypatch.setattr(NanLabModule, "configure_gradient_clipping",
+                        L.LightningModule.configure_gradient_clipping)
+    plain = run(spec(*overrides), tmp_path / "plain")
+    assert reused.status == plain.status and reused.steps_done == plain.steps_done == 4
+    history = [(tmp_path / d / "history.csv").read_text() for d in ("reused", "plain")]
+    assert history[0] == history[1]
+    assert reused.final_loss == plain.final_loss
+    assert all(seen) if precision != "bf16_true" else not any(seen), seen
