@@ -154,7 +154,9 @@ def _fit(spec: RunSpec, run_dir: Path, record: Record, extra_callbacks, made: di
     record.half_gemm = parts.half_gemm
     # the monitor before the guard: it must see the gradients skip_step drops (check_order)
     checks, monitor, guard = build_callbacks(spec.monitor, spec.guard, parts.model)
-    callbacks = [*checks, *parts.precision_callbacks, *(extra_callbacks or [])]
+    # progressive's switch first: the monitor's snapshot of a step (for its replay) must see
+    # the precision the step runs in, also at the switch step itself
+    callbacks = [*parts.precision_callbacks, *checks, *(extra_callbacks or [])]
     logger = made["logger"] = _logger(spec, run_dir)
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))

@@ -83,3 +83,25 @@ def test_half_gemm_mode_choice():
 def test_unknown_precision_is_one_line_error():
     with pytest.raises(ValueError, match=r"^precision=fp8: allowed fp32, bf16, bf16_true"):
         precision.build_plugin(PrecisionSpec("fp8"), "cpu")
+
+
+def test_the_monitor_snapshots_the_precision_each_step_runs_in(tmp_path):
+    """A failure replays in the precision of its step: progressive's switch must set the
+    flag before the monitor keeps it, at the switch step too."""
+    from lightning.pytorch.callbacks import Callback
+
+    from src.monitor import NanMonitor
+
+    class Spy(Callback):
+        def __init__(self):
+            self.pairs = []
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            monitor = next(c for c in trainer.callbacks if isinstance(c, NanMonitor))
+            self.pairs.append((monitor._snapshot[2], trainer.precision_plugin.active))
+
+    spy = Spy()
+    rec = run(spec("precision=progressive", "precision.switch_step=1", "max_steps=3",
+                   "serve.enabled=false"), tmp_path, extra_callbacks=[spy])
+    assert rec.steps_done == 3
+    assert spy.pairs == [(False, False), (True, True), (True, True)], spy.pairs
