@@ -57,6 +57,7 @@ def test_save_pretrained_reloads_in_plain_transformers(tmp_path, processor):
         ProcessorSpec(), str(out)))(samples)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("merged", [True, False], ids=["merged", "adapter"])
 def test_lora_saves_merged_or_adapter(tmp_path, processor, merged):
     from transformers import Qwen2_5_VLForConditionalGeneration

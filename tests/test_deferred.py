@@ -86,7 +86,8 @@ def _run(overrides: list[str], sync_every: int, run_dir, case: str):
     return run(spec, run_dir, extra_callbacks=extra), keep.monitor
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "diverged" else c
+                                  for c in CASES])
 def test_deferred_checks_make_the_sync_record(case, tmp_path):
     overrides, n = CASES[case]
     sync, sync_monitor = _run(overrides, 0, tmp_path / "sync", case)  # 0: auto, 1 on CPU

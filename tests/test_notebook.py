@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pytest
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from nbclient import NotebookClient
 from test_report_builders import demo_map
@@ -49,6 +50,7 @@ def _outputs(nb, output_type=None):
             if output_type is None or o.output_type == output_type]
 
 
+@pytest.mark.slow
 def test_notebook_runs_on_the_results_table(tmp_path, monkeypatch):
     demo_map(tmp_path / "runs", history=True)
     df = report.collect(tmp_path / "runs")
@@ -69,6 +71,7 @@ def test_notebook_runs_on_the_results_table(tmp_path, monkeypatch):
     assert "delays logit_growth" in md and "88.72" in md
 
 
+@pytest.mark.slow
 def test_notebook_without_histories(tmp_path, monkeypatch):
     demo_map(tmp_path / "runs", history=False)
     report.write_results(report.collect(tmp_path / "runs"), tmp_path / "out")
