@@ -18,6 +18,7 @@ over the steps after warm-up, and each figure is the median over rounds.
     python -m experiments.bench                  # all parts (~4 min on 2 cores)
     python -m experiments.bench --quick          # the wrapper table alone, < 2 min
     python -m experiments.bench --part monitor   # one part (wrapper, sync, monitor, precision)
+    python -m experiments.bench --quick --keep-freed-memory   # without glibc's re-mapping
 """
 from __future__ import annotations
 
@@ -123,6 +124,19 @@ RUN = {"wrapper": wrapper_part, "sync": lambda s, r: wrappers.sync_cost(s, r),
        "monitor": monitor_part, "precision": precision_part}
 
 
+def keep_freed_memory() -> None:
+    """Why: on this CPU a third of a tiny step's CPU time was the kernel mapping and unmapping
+    the ~40 MB of gradients freed and re-allocated every step, and glibc's adaptive threshold
+    made that cost drift between rounds (±20%). Raising the mmap and trim thresholds to
+    glibc's maxima keeps freed blocks in the heap for every config alike."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = libc.mallopt(m_mmap_threshold, 32 * 2**20) and libc.mallopt(m_trim_threshold, 2**30)
+    print(f"allocator: freed memory kept for reuse ({'set' if ok else 'mallopt refused'})")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("all", *PARTS), default="all")
@@ -132,7 +146,13 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, help="steps after warm-up (each part's default)")
     parser.add_argument("--rounds", type=int, help="rounds (each part's default)")
     parser.add_argument("--skip-gemm", action="store_true", help="leave out the precision part")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc keeps freed memory for reuse (mallopt) in this process, so "
+                             "re-allocating every step's gradients stops costing kernel time: "
+                             "the wrappers' own cost without the allocator's noise")
     args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     parts = PARTS if args.part == "all" else (args.part,)
     if args.quick:
         parts = [p for p in parts if p in QUICK] or parts

@@ -55,13 +55,10 @@ BASE = ["precision=fp32", "logger=none", "trainer.progress=false", "trainer.acce
 
 
 def api():
-    """(compose_spec, run): `src.train` re-exports them; during the split into config and
-    runner modules they live in src.config and src.runner."""
-    try:
-        from src.train import compose_spec, run
-    except ImportError:
-        from src.config import compose_spec
-        from src.runner import run
+    """(compose_spec, run), imported on first use: torch loads with them."""
+    from src.config import compose_spec
+    from src.runner import run
+
     return compose_spec, run
 
 

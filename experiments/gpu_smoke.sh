@@ -2,7 +2,8 @@
 # A short real-size run on a GPU: the Qwen2.5-VL-3B architecture (random init), bf16
 # autocast, transformers' sdpa, 448x448 images; prints seconds per step and peak memory.
 # Then the masked_rows and fp16_overflow baselines (conf/stress/*.yaml) at that size, each
-# with its predicted fix, so the same mechanisms are checked on the 3B architecture.
+# with its predicted fix, so the same mechanisms are checked on the 3B architecture; and the
+# monitor's host-sync cost (`make bench`'s GPU part).
 #   bash experiments/gpu_smoke.sh [extra Hydra overrides]     # SKIP_MECHANISMS=1: timing only
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,8 @@ PYEOF
 "$PY" -m src.train "${BIG[@]}" precision=bf16 softmax=sdpa max_steps=${STEPS:-20} lr=1e-5 \
   hydra.run.dir="$out/timing" "$@"
 show "$out/timing"
+# the monitor's host-sync cost on this GPU: sync_every=1 against auto (deferred checks)
+"$PY" -m experiments.bench --part sync
 [ -n "${SKIP_MECHANISMS:-}" ] && exit 0
 # masked_rows: summed-plane masks with left padding; predicted fix: sdpa (safe softmax)
 # fp16_overflow: a massive activation in the first decoder MLP; predicted fix: bf16
