@@ -7,18 +7,15 @@ command line costs a fraction of a second, not the 6 s of loading torch and tran
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import typing
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
+from .record import config_hash
 from .specs import OptimSpec, ProbeSpec, RunConfig, RunSpec
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-# Keys that change how a run is logged or stored, not what it computes: left out of the hash.
-UNHASHED = ("logger", "force", "trainer", "save", "out_dir")
 # The top-level keys that are the optimizer's (lr=1e-5 on the command line, not optim.lr=).
 OPTIM_TOP = ("lr", "warmup_steps", "clip", "max_steps", "weight_decay")
 # The config nodes that become one spec each (RunSpec's fields of the same names).
@@ -40,22 +37,13 @@ def build(cls, node: dict | None, key: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(node) - set(fields))
     if unknown:
-        raise ValueError(f"{key}.{unknown[0]}: unknown key; allowed: {', '.join(sorted(fields))}")
+        where = f"{key}.{unknown[0]}" if key else unknown[0]
+        raise ValueError(f"{where}: unknown key; allowed: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
     for name, value in node.items():
         if dataclasses.is_dataclass(hints.get(name)) and isinstance(value, dict):
-            node[name] = build(hints[name], value, f"{key}.{name}")
+            node[name] = build(hints[name], value, f"{key}.{name}" if key else name)
     return cls(**node)
-
-
-def hashed_config(cfg: dict) -> dict:
-    """The part of the resolved config that changes what a run computes."""
-    return {k: v for k, v in cfg.items() if k not in UNHASHED and k != "hydra"}
-
-
-def config_hash(cfg: dict, leave_out: tuple[str, ...] = ()) -> str:
-    kept = {k: v for k, v in hashed_config(cfg).items() if k not in leave_out}
-    return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def optim_spec(cfg: dict) -> OptimSpec:
@@ -101,7 +89,7 @@ def spec_from_config(cfg: dict, overrides: list[str] | None = None,
 
 def probe_spec_from_config(cfg: dict) -> ProbeSpec:
     cfg = {k: v for k, v in cfg.items() if k != "hydra"}
-    spec = build(ProbeSpec, cfg, "probe config")
+    spec = build(ProbeSpec, cfg, "")
     spec.check()
     return spec
 

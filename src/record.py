@@ -6,6 +6,7 @@ fields from here. This module imports nothing heavy so the report can use it on 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -208,3 +209,18 @@ def short(name: str | None) -> str:
         return "-"
     return (name.replace("model.language_model.layers.", "llm.")
             .replace("model.visual.blocks.", "vit.").replace("model.", ""))
+
+
+# Keys that change how a run is logged or stored, not what it computes: left out of the hash.
+UNHASHED = ("logger", "force", "trainer", "save", "out_dir")
+
+
+def hashed_config(cfg: dict) -> dict:
+    """The part of the resolved config that changes what a run computes: a record's
+    `config`, and what its `config_hash` and `cell` identify."""
+    return {k: v for k, v in cfg.items() if k not in UNHASHED and k != "hydra"}
+
+
+def config_hash(cfg: dict, leave_out: tuple[str, ...] = ()) -> str:
+    kept = {k: v for k, v in hashed_config(cfg).items() if k not in leave_out}
+    return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -17,8 +17,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from .config import hashed_config
-from .record import Record, write_record
+from .record import Record, hashed_config, write_record
 from .specs import RunSpec
 
 # Lightning notes that do not apply here: the module's batch hook is meant to win over the
