@@ -31,6 +31,7 @@ def mechanism(name: str) -> dict:
     return yaml.safe_load((STRESS / f"{name}.yaml").read_text())
 
 
+@pytest.mark.slow  # composes every cell of the map: a config check for CI
 def test_every_mechanism_yaml_is_complete():
     advice_seen = set()
     for name in MECHANISMS:

@@ -73,6 +73,7 @@ def test_build_callbacks_without_a_skipping_guard():
     assert callbacks == [monitor] and guard is None and not monitor.tolerate_grads
 
 
+@pytest.mark.slow  # the CLI end to end, then python -m src.replay: ~30 s
 def test_forced_nan_run_exits_0_with_verdict_record_and_same_replay(tmp_path):
     out = cli(*FAST, *NAN_RUN, f"hydra.run.dir={tmp_path / 'a'}")
     assert out.returncode == 0, out.stderr[-2000:]

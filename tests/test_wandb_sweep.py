@@ -105,6 +105,7 @@ def test_grid_sweeps_exactly_the_maps_cells(cells):
     assert "PLACEHOLDER" not in (WANDB_DIR / "grid.yaml").read_text()
 
 
+@pytest.mark.slow  # composes every cell of the map: a config check for CI
 def test_cells_compose_with_the_maps_settings_and_hash(cells):
     """A sample of cells (each block's first and last, ~0.25 s a composition) composes as
     run_cell runs it for the agent (experiment=nan_map_base, W&B logger and all); the first
