@@ -148,6 +148,25 @@ def test_ranking_within_each_precision(fs):
     assert lines[1].startswith("fp16")
 
 
+def test_seeds_range_and_ties_by_hand(fs):
+    """Each seed's sensitivity alone (l* of the precision), min-max; a family whose range
+    overlaps rank 1's is not told apart from it.
+    bf16 z:    seed 0: 1.4 + 0.2 + 0.3 + 2.0 = 3.9 / 4; seed 1: 1.4 + 0.2 + 0.5 + 2.0 = 4.1 / 4
+    bf16 none: seed 0: 1.0 + 0.0 + 0.5 + 2.0 = 3.5 / 4; seed 1: 1.2 + 0.2 + 2.0 + 2.0 = 5.4 / 4
+               (seed 2 ran at one lr_x only, as an error: no evidence)
+    bf16 qk:   seed 0: 2.0 + 1.0 - 0.1 + 3.0 = 5.9 / 4; seed 1: 2.0 + 1.0 + 0.1 + 3.0 = 6.1 / 4
+    fp16 z 0.85-0.9, qk 0.975-1.025, none 1.25: no overlap with rank 1."""
+    from src.report.sensitivity import by_group, tied_with_first
+
+    assert _find(fs, "bf16", "z").seed_range == pytest.approx((0.975, 1.025))
+    assert _find(fs, "bf16", "none").seed_range == pytest.approx((0.875, 1.35))
+    assert _find(fs, "bf16", "qk").seed_range == pytest.approx((1.475, 1.525))
+    assert _find(fs, "fp16", "z").seed_range == pytest.approx((0.85, 0.9))
+    groups = by_group(fs)
+    assert [f.label for f in tied_with_first(groups["bf16"])] == ["none"]
+    assert tied_with_first(groups["fp16"]) == []
+
+
 def test_few_lrs_and_mechanisms_are_not_families(fs):
     few = [f for f in fs if not f.counts]
     assert [(f.label, f.advice, f.xs, f.rank, f.sensitivity) for f in few] == [
@@ -186,9 +205,11 @@ def test_report_section_csv_console_and_figure(root, tmp_path):
     md = report.write_report([root], out, console=Console(file=buf, width=200)).read_text()
     sec = md[md.index("## LR sensitivity"):md.index("## Appendix")]
     assert "![LR sensitivity](lr_sensitivity.png)" in sec and report.SENSITIVITY_RULE in sec
-    assert ("| bf16 | 1 | `optim.z_loss=0.0001` | z_loss | 0.1–100 (4) | 1.000 | 1.2 @ 1 | 1 "
-            "| 10 | 0/8 |") in sec
-    assert "| fp16 | 3 | `none` |  | 0.1–100 (4) | 1.250 | 2 @ 0.1 | 1.5 | 0.1 | 6/8 |" in sec
+    assert ("| bf16 | 1 | `optim.z_loss=0.0001` | z_loss | 0.1–100 (4) | 1.000 | 0.975–1.02 "
+            "| 1.2 @ 1 | 1 | 10 | 0/8 |") in sec
+    assert ("| fp16 | 3 | `none` |  | 0.1–100 (4) | 1.250 | 1.25–1.25 | 2 @ 0.1 | 1.5 | 0.1 "
+            "| 6/8 |") in sec
+    assert "  - not told apart from rank 1 by these seeds (seeds' ranges overlap): `none`" in sec
     assert ("- **fp16**: 1. `z_loss` (add a z-loss; `optim.z_loss=0.0001`) 0.875; 2. `qk_norm`"
             in sec)
     assert "Not counted (fewer than 3 lr values): bf16 `warmup_steps=5` (0.1 1)." in sec

@@ -12,7 +12,14 @@ from .advice import advice
 from .cells import OUTCOME_TEXT, OUTCOMES, TEST_FAILS, Cell
 from .frontier import FRONTIER_RULE, Line, fmt_lr, frontier_frame
 from .match import flatten
-from .sensitivity import MIN_LRS, SENSITIVITY_RULE, Family, by_group, untested_advice
+from .sensitivity import (
+    MIN_LRS,
+    SENSITIVITY_RULE,
+    Family,
+    by_group,
+    tied_with_first,
+    untested_advice,
+)
 from .summary import AdviceLine, RangePairs
 from .verdicts import RULES, Mechanism, Pair
 
@@ -265,13 +272,14 @@ def sensitivity_section(fams: list[Family], png: str) -> list[str]:
     for g, fs in groups.items():
         for f in fs:
             b = f.best
+            seeds = f"{f.seed_range[0]:.3g}–{f.seed_range[1]:.3g}" if f.seed_range else ""
             rows.append([g, f.rank, f"`{f.label}`", f.advice or "", f.range_text,
-                         f"{f.sensitivity:.3f}", f"{b.loss:.4g} @ {fmt_lr(b.x)}",
+                         f"{f.sensitivity:.3f}", seeds, f"{b.loss:.4g} @ {fmt_lr(b.x)}",
                          f"{f.ell_star:.4g}", fmt_lr(f.max_all_ok) or "none",
                          f"{f.n_failed}/{f.n_runs}"])
     axis = "lr_x" if all(f.axis == "lr_x" for fs in groups.values() for f in fs) else "lr"
     L.append(md_table(rows, ["precision", "rank", "mitigation", "advice", f"{axis} range (n)",
-                             "sensitivity", f"best final loss @ {axis}", "ℓ*",
+                             "sensitivity", "seeds' range", f"best final loss @ {axis}", "ℓ*",
                              f"largest {axis} all seeds ok", "failed runs"]))
     L += ["**Ranking** (lowest sensitivity first):", ""]
     for g, fs in groups.items():
@@ -281,6 +289,10 @@ def sensitivity_section(fams: list[Family], png: str) -> list[str]:
             items.append(f"{f.rank}. " + (f"`{f.advice}` ({what}; `{f.label}`)" if what
                                           else f"`{f.label}`") + f" {f.sensitivity:.3g}")
         L.append(f"- **{g}**: " + "; ".join(items))
+        tied = tied_with_first(fs)
+        if tied:
+            L.append("  - not told apart from rank 1 by these seeds (seeds' ranges overlap): "
+                     + ", ".join(f"`{f.label}`" for f in tied))
         grids = {tuple(f.xs) for f in fs}
         if len(grids) > 1:
             L.append(f"  - {g}: the families ran on different {axis} grids ("

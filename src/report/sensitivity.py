@@ -59,7 +59,8 @@ SENSITIVITY_RULE = (
     "mean over the family's lr_x values of min(ℓ(lr), ℓ₀) − ℓ*: 0 is the precision's best "
     "loss at every lr tried, ℓ₀ − ℓ* a family that never trained. Lower ranks first; only "
     f"families with at least {MIN_LRS} lr_x values count, and a family's mean is over its "
-    "own grid.")
+    "own grid. **Seeds' range**: the sensitivity of each seed alone, min–max; a family whose "
+    "range overlaps the first-ranked one's is not told apart from it by these seeds.")
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Point:
     failed: list[float] = field(default_factory=list)   # failed runs' l0 (where counted)
     ell0s: list[float] = field(default_factory=list)    # every evidence run's l0
     n_ok: int = 0
+    by_seed: dict[int, float] = field(default_factory=dict)  # min(the seed's loss, its l0)
 
     @property
     def n(self) -> int:
@@ -131,6 +133,19 @@ class Family:
         if self.ell_star is None or not self.counts:
             return None
         return statistics.fmean(p.loss - self.ell_star for p in self.points)
+
+    @property
+    def seed_range(self) -> tuple[float, float] | None:
+        """The sensitivity of each seed alone (the seeds run at every lr_x), min and max:
+        how far the seeds alone move the family's figure. None with fewer than 2 seeds."""
+        if self.ell_star is None or not self.counts:
+            return None
+        seeds = set.intersection(*(set(p.by_seed) for p in self.points))
+        if len(seeds) < 2:
+            return None
+        per_seed = [statistics.fmean(p.by_seed[s] - self.ell_star for p in self.points)
+                    for s in seeds]
+        return min(per_seed), max(per_seed)
 
     @property
     def sensitivity_own(self) -> float | None:
@@ -264,8 +279,12 @@ def _fill(fam: Family, rows: list[dict]) -> None:
         if r["status"] in FINITE and _finite(r["final_loss"]):
             p.finals.append(float(r["final_loss"]))
             p.n_ok += int(r["status"] == "ok")
+            loss = float(r["final_loss"])
         else:
             p.failed.append(ell0)
+            loss = ell0
+        if not _isnull(r.get("seed")):
+            p.by_seed[int(r["seed"])] = min(loss, ell0)
     fam.points = sorted((p for p in points.values() if not math.isnan(p.loss)),
                         key=lambda p: p.x)
 
@@ -284,6 +303,16 @@ def _rank(fams: list[Family]) -> None:
         vals = sorted(round(f.sensitivity, 12) for f in g)
         for f in g:
             f.rank = 1 + vals.index(round(f.sensitivity, 12))
+
+
+def tied_with_first(fs: list[Family]) -> list[Family]:
+    """The families of a group (in rank order) whose seeds' range overlaps the first's:
+    these seeds do not tell them apart from rank 1."""
+    first = fs[0].seed_range
+    if first is None:
+        return []
+    return [f for f in fs[1:] if f.seed_range is not None
+            and f.seed_range[0] <= first[1] and first[0] <= f.seed_range[1]]
 
 
 def counted(fams: list[Family]) -> list[Family]:
@@ -319,7 +348,7 @@ def untested_advice(fams: list[Family]) -> list[str]:
 COLUMNS = ["precision", "context", "mitigation", "advice", "axis", "lr_min", "lr_max", "n_lr",
            "lr_values", "runs", "failed_runs", "no_evidence_runs", "sensitivity",
            "sensitivity_own", "best_loss", "best_lr", "ell_star", "ell0", "max_all_ok",
-           "rank", "counts", "losses"]
+           "rank", "counts", "seed_sensitivity_min", "seed_sensitivity_max", "losses"]
 
 
 def sensitivity_frame(fams: list[Family]) -> pd.DataFrame:
@@ -339,6 +368,8 @@ def sensitivity_frame(fams: list[Family]) -> pd.DataFrame:
             "ell0": statistics.median([e for p in f.points for e in p.ell0s])
             if f.points else None,
             "max_all_ok": f.max_all_ok, "rank": f.rank, "counts": f.counts,
+            "seed_sensitivity_min": f.seed_range[0] if f.seed_range else None,
+            "seed_sensitivity_max": f.seed_range[1] if f.seed_range else None,
             "losses": json.dumps({fmt_lr(p.x): round(p.loss, 6) for p in f.points}),
         })
     return pd.DataFrame(rows, columns=COLUMNS)
