@@ -120,11 +120,12 @@ def validate_cli(argv: list[str], schema=RunConfig) -> str | None:
     from hydra.errors import HydraException
 
     groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"}
+    parser = OverridesParser.create()
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
         try:
-            override = OverridesParser.create().parse_override(arg)
+            override = parser.parse_override(arg)
         except HydraException as e:
             return f"{arg}: cannot parse: {str(e).splitlines()[0]}"
         key = override.key_or_group

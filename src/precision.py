@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .specs import HALF_GEMMS, PRECISIONS, PrecisionSpec
+from .specs import HALF_GEMMS, PrecisionSpec
 
 HALF = (torch.bfloat16, torch.float16)
 aten = torch.ops.aten
@@ -121,8 +121,7 @@ class ProgressiveSwitch(Callback):
 
 def build_plugin(spec: PrecisionSpec, device: str) -> tuple[Precision, list[Callback]]:
     """The Lightning precision plugin (and any callback it needs) for a precision option."""
-    if spec.name not in PRECISIONS:
-        raise ValueError(f"precision={spec.name}: allowed {', '.join(PRECISIONS)}")
+    spec.check()  # the spec's own rules (src/specs.py), for callers that built it by hand
     gemm = half_gemm_mode(spec, device)
     callbacks: list[Callback] = []
     if spec.name == "fp32":
@@ -134,8 +133,6 @@ def build_plugin(spec: PrecisionSpec, device: str) -> tuple[Precision, list[Call
     elif spec.name == "bf16_true":
         plugin = CpuAwareHalf("bf16-true")
     else:
-        if spec.switch_step < 0:
-            raise ValueError(f"precision.switch_step={spec.switch_step}: must be >= 0")
         plugin = ProgressiveMixed("bf16-mixed", device)
         callbacks.append(ProgressiveSwitch(plugin, spec.switch_step))
     plugin.half_gemm = gemm
