@@ -41,7 +41,7 @@ test-fast: $(STAMP)  ## the tier to run on every change: no end-to-end sweeps (<
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests hydra_plugins experiments
+	$(PY) -m ruff check nanlab src tests hydra_plugins experiments
 
 bench: $(STAMP)  ## wrappers (bare loop, src.train, transformers.Trainer), monitor and precision costs as ratios; ARGS=--quick: the wrapper table alone (< 2 min)
 	$(PY) -m experiments.bench $(ARGS)

@@ -57,12 +57,12 @@ def check_cost_ms(repeats: int = 20) -> float:
     and the parameter check (the same _foreach_norm calls NanMonitor makes)."""
     import torch
 
-    from src.model import build_model
+    from nanlab.model.qwen_vl import build_model
 
-    try:  # the specs' home (src.model before the split into config modules)
-        from src.specs import ModelSpec
+    try:  # the specs' home (nanlab.model.qwen_vl before the split into config modules)
+        from nanlab.config.specs import ModelSpec
     except ImportError:
-        from src.model import ModelSpec
+        from nanlab.model.qwen_vl import ModelSpec
     torch.set_num_threads(1)
     params = list(build_model(ModelSpec(), seed=0).parameters())
     for p in params:

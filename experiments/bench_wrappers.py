@@ -56,8 +56,8 @@ BASE = ["precision=fp32", "logger=none", "trainer.progress=false", "trainer.acce
 
 def api():
     """(compose_spec, run), imported on first use: torch loads with them."""
-    from src.config import compose_spec
-    from src.runner import run
+    from nanlab.config.compose import compose_spec
+    from nanlab.run.runner import run
 
     return compose_spec, run
 
@@ -133,16 +133,16 @@ def _parts(spec):
     import lightning as L
     import torch
 
-    from src import attention, stress
-    from src.data import NanDataModule
-    from src.model import build_model
-    from src.module import NanLabModule
-    from src.processing import load_processor
+    from nanlab.data.datamodule import NanDataModule
+    from nanlab.model.processing import load_processor
+    from nanlab.model.qwen_vl import build_model
+    from nanlab.numerics import attention, stress
+    from nanlab.run.module import NanLabModule
 
     L.seed_everything(spec.seed, workers=True, verbose=False)
     torch.set_num_threads(spec.trainer.cpu_threads)
     try:  # the runner's own build path, where there is one
-        from src.build import build_parts
+        from nanlab.run.build import build_parts
     except ImportError:
         processor = load_processor(spec.data.processor_spec(), spec.model.path)
         model = build_model(spec.model, spec.seed)

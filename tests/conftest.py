@@ -1,8 +1,8 @@
 """Shared fixtures. The real processor takes ~10 s to load, so it is built once per session."""
 import pytest
 
-import src  # noqa: F401  (sets HF_HUB_OFFLINE before transformers is imported)
-from src.processing import ProcessorSpec, load_processor
+import nanlab  # noqa: F401  (sets HF_HUB_OFFLINE before transformers is imported)
+from nanlab.model.processing import ProcessorSpec, load_processor
 
 
 @pytest.fixture(scope="session")
@@ -14,7 +14,7 @@ def processor():
 def batch(processor):
     """The first training batch of the fast test settings (tests/helpers.FAST)."""
     from helpers import spec
-    from src.data import NanDataModule
+    from nanlab.data.datamodule import NanDataModule
 
     s = spec()
     dm = NanDataModule(s.data, processor, 4, 0)

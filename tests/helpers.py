@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from src.config import CONF_DIR, compose_spec
-from src.specs import RunSpec
+from nanlab.config.compose import CONF_DIR, compose_spec
+from nanlab.config.specs import RunSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small and fast: a few steps on a few shapes samples, no logger, no progress bar.

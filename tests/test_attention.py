@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from src import attention
-from src.attention import SoftmaxSpec
-from src.model import ModelSpec, build_model, tiny_config
+from nanlab.model.qwen_vl import ModelSpec, build_model, tiny_config
+from nanlab.numerics import attention
+from nanlab.numerics.attention import SoftmaxSpec
 
 
 class FakeAttn(torch.nn.Module):

@@ -26,9 +26,9 @@ from hydra_plugins.nanlab_sweeper.bisection import (
     is_stable,
 )
 from hydra_plugins.nanlab_sweeper.bisection_sweeper import BisectionSweeper, free_job_idx
-from src.record import read_record
-from src.report import collect
-from src.sweep import grid_size
+from nanlab.record import read_record
+from nanlab.report import collect
+from nanlab.sweep.progress import grid_size
 
 ROOT = Path(__file__).resolve().parent.parent
 

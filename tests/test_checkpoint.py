@@ -11,12 +11,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from src.checkpoint import resolve, save_pretrained
-from src.config import compose_spec
-from src.data import Collator, DataSpec, shapes_splits
-from src.model import LoraSpec, ModelSpec, build_model
-from src.processing import ProcessorSpec, load_processor
-from src.runner import run
+from nanlab.config.compose import compose_spec
+from nanlab.data.datamodule import Collator, DataSpec, shapes_splits
+from nanlab.model.checkpoint import resolve, save_pretrained
+from nanlab.model.processing import ProcessorSpec, load_processor
+from nanlab.model.qwen_vl import LoraSpec, ModelSpec, build_model
+from nanlab.run.runner import run
 
 
 def _samples(n: int = 3) -> list[dict]:
@@ -109,16 +109,16 @@ def _history(run_dir: Path) -> dict[str, list[float]]:
 @pytest.fixture
 def fast_processor(monkeypatch, processor):
     """run() loads the default processor each time (~5 s): hand it the session's."""
-    import src.processing
+    import nanlab.model.processing
 
-    real = src.processing.load_processor
+    real = nanlab.model.processing.load_processor
 
     def load(spec, tokenizer_path=None):
         if spec == ProcessorSpec() and tokenizer_path is None:
             return processor
         return real(spec, tokenizer_path)
 
-    monkeypatch.setattr(src.processing, "load_processor", load)
+    monkeypatch.setattr(nanlab.model.processing, "load_processor", load)
 
 
 # finite: a short run (or its resumed half) need not drop the loss by the ok margin

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from src import report
+from nanlab import report
 
 MAP = Path(__file__).resolve().parents[1] / "experiments" / "results" / "cpu-tiny"
 CSV = MAP / "results.csv"
@@ -44,7 +44,7 @@ def test_committed_map_hashes_match_the_current_config(committed):
     override changes); the cell hash is compared on every row."""
     from hydra.errors import HydraException
 
-    from src.config import compose_spec, config_hash
+    from nanlab.config.compose import compose_spec, config_hash
 
     stale, composed = [], {}
     for row in committed.itertuples():

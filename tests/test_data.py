@@ -6,7 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
-from src.data import IGNORE_INDEX, Collator, DataSpec, JsonlDataset, NanDataModule, shapes_splits
+from nanlab.data.datamodule import (
+    IGNORE_INDEX,
+    Collator,
+    DataSpec,
+    JsonlDataset,
+    NanDataModule,
+    shapes_splits,
+)
 
 IMAGE_PAD = 151655
 

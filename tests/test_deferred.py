@@ -14,10 +14,10 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from helpers import FAST, ROOT
-from src.config import compose_spec
-from src.deferred import DeferredChecks
-from src.monitor import NanMonitor
-from src.runner import run
+from nanlab.config.compose import compose_spec
+from nanlab.diagnosis.deferred import DeferredChecks
+from nanlab.diagnosis.monitor import NanMonitor
+from nanlab.run.runner import run
 
 MAP = ["experiment=nan_map_base", "logger=none", "serve.enabled=false"]
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from helpers import spec
-from src import guards
-from src.guards import GuardSpec
-from src.model import build_model
-from src.runner import run
+from nanlab.model.qwen_vl import build_model
+from nanlab.numerics import guards
+from nanlab.numerics.guards import GuardSpec
+from nanlab.run.runner import run
 
 
 def test_skip_step_drops_the_update_and_counts_it():

@@ -2,7 +2,7 @@
 whose backward made a gradient non-finite."""
 import torch
 
-from src.locate import first_nonfinite_forward, hooked_backward
+from nanlab.diagnosis.locate import first_nonfinite_forward, hooked_backward
 
 
 class Sqrt(torch.nn.Module):

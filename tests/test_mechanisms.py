@@ -17,9 +17,9 @@ import yaml
 
 from helpers import ROOT
 from hydra_plugins.nanlab_sweeper.mechanism_sweeper import merge_overrides
-from src.config import compose_spec
-from src.record import CAUSES, find_done, read_record
-from src.runner import run
+from nanlab.config.compose import compose_spec
+from nanlab.record import CAUSES, find_done, read_record
+from nanlab.run.runner import run
 
 STRESS = ROOT / "conf" / "stress"
 MECHANISMS = sorted(p.stem for p in STRESS.glob("*.yaml") if p.stem != "none")

@@ -21,14 +21,20 @@ import torch
 
 from helpers import spec
 from hydra_plugins.nanlab_sweeper.mechanism_sweeper import merge_overrides
-from src import attention, stress
-from src.attention import SoftmaxSpec
-from src.config import compose_spec
-from src.model import ModelSpec, attach_qk_norm_hooks, build_model, has_qk_norm, load_checkpoint
-from src.module import NanLabModule, OptimSpec, StableAdamW, supervised_loss
-from src.monitor import AttentionStats
-from src.precision import Fp32AccumulatedHalfGemm
-from src.stress import StressSpec
+from nanlab.config.compose import compose_spec
+from nanlab.diagnosis.monitor import AttentionStats
+from nanlab.model.qwen_vl import (
+    ModelSpec,
+    attach_qk_norm_hooks,
+    build_model,
+    has_qk_norm,
+    load_checkpoint,
+)
+from nanlab.numerics import attention, stress
+from nanlab.numerics.attention import SoftmaxSpec
+from nanlab.numerics.precision import Fp32AccumulatedHalfGemm
+from nanlab.numerics.stress import StressSpec
+from nanlab.run.module import NanLabModule, OptimSpec, StableAdamW, supervised_loss
 
 FP16_MAX = 65504.0
 
@@ -266,7 +272,7 @@ def test_qk_norm_makes_logits_invariant_to_the_qk_projection_scale():
 
 
 def test_qk_norm_follows_q_proj_into_lora():
-    from src.model import LoraSpec
+    from nanlab.model.qwen_vl import LoraSpec
 
     model = build_model(ModelSpec(init="random", qk_norm=True, lora=LoraSpec(r=4)), seed=0)
     attn = model.base_model.model.model.language_model.layers[0].self_attn
@@ -304,7 +310,7 @@ def test_qk_norm_bounds_attention_logits_under_logit_growth(batch, qk_norm):
 def test_qk_norm_base_is_its_own_cached_base_with_trained_norms():
     """The base is pretrained with the norms under its own key (slow: built on first use,
     206 s on 2 shared cores); loading builds the norms and loads their trained gains."""
-    from src.base import base_dir, base_key
+    from nanlab.model.base import base_dir, base_key
 
     plain, qk = spec().model, dataclasses.replace(spec().model, qk_norm=True)
     assert base_key(plain) != base_key(qk)

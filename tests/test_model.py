@@ -1,8 +1,8 @@
 """The tiny Qwen2.5-VL: real architecture with both towers; freezing, LoRA, local loading."""
 import pytest
 
-from src.model import ModelSpec, build_model, is_vision_param, tiny_config
-from src.module import NanLabModule, OptimSpec
+from nanlab.model.qwen_vl import ModelSpec, build_model, is_vision_param, tiny_config
+from nanlab.run.module import NanLabModule, OptimSpec
 
 
 def test_tiny_config_has_both_towers_and_their_features():
@@ -40,7 +40,7 @@ def test_vision_lr_gets_its_own_param_group():
 
 
 def test_lora_wraps_with_peft():
-    from src.model import LoraSpec
+    from nanlab.model.qwen_vl import LoraSpec
 
     model = build_model(ModelSpec(lora=LoraSpec(r=4)), seed=0)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]

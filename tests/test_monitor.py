@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from helpers import FAST, cli
-from src.guards import SkipNonFiniteStep
-from src.monitor import MonitorSpec, NanMonitor, build_callbacks, check_order
-from src.record import read_record
-from src.specs import GuardSpec
+from nanlab.config.specs import GuardSpec
+from nanlab.diagnosis.monitor import MonitorSpec, NanMonitor, build_callbacks, check_order
+from nanlab.numerics.guards import SkipNonFiniteStep
+from nanlab.record import read_record
 
 # random init (model.init=random): the monitor's machinery on a known case
 NAN_RUN = ["model.init=random", "softmax=naive", "lr=0.3", "precision=fp32", "max_steps=12",
@@ -110,7 +110,7 @@ def test_forced_nan_run_exits_0_with_verdict_record_and_same_replay(tmp_path):
 def test_auto_defers_on_cuda_only_where_the_snapshot_fits(monkeypatch, capsys):
     """sync_every=0 on CUDA: deferred checks keep ~3x the trainable weights; with AdamW's
     2x still to come, a device without 6x free reads every step instead (and says so)."""
-    from src import monitor as mon
+    from nanlab.diagnosis import monitor as mon
 
     model = torch.nn.Linear(256, 256)  # 257 * 256 fp32 parameters
     trainable = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -131,8 +131,8 @@ def test_clipping_with_the_monitors_norm_is_bitwise_the_usual_clip(precision, tm
     import lightning as L
 
     from helpers import spec
-    from src.module import NanLabModule
-    from src.runner import run
+    from nanlab.run.module import NanLabModule
+    from nanlab.run.runner import run
 
     overrides = (f"precision={precision}", "clip=0.05", "max_steps=4", "serve.enabled=false",
                  "lr_x=1")

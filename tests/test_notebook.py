@@ -12,7 +12,7 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from nbclient import NotebookClient
 from test_report_builders import demo_map
 
-from src import report
+from nanlab import report
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "nan_map.ipynb"

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from helpers import spec
-from src import precision
-from src.precision import Fp32AccumulatedHalfGemm, PrecisionSpec
-from src.runner import run
+from nanlab.numerics import precision
+from nanlab.numerics.precision import Fp32AccumulatedHalfGemm, PrecisionSpec
+from nanlab.run.runner import run
 
 
 def test_lightning_alone_would_swap_fp16_for_bf16_on_cpu():
@@ -90,7 +90,7 @@ def test_the_monitor_snapshots_the_precision_each_step_runs_in(tmp_path):
     flag before the monitor keeps it, at the switch step too."""
     from lightning.pytorch.callbacks import Callback
 
-    from src.monitor import NanMonitor
+    from nanlab.diagnosis.monitor import NanMonitor
 
     class Spy(Callback):
         def __init__(self):

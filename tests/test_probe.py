@@ -17,15 +17,15 @@ import pytest
 import torch
 
 from helpers import cli
-from src.attention import SoftmaxSpec
-from src.checkpoint import save_pretrained
-from src.data import DataSpec
-from src.model import ModelSpec, build_model
-from src.precision import PrecisionSpec
-from src.probe import ProbeOptions, ProbeSpec, combine, probe
-from src.serve import locate, split_rows
-from src.shapes import draw_shape
-from src.stress import StressSpec
+from nanlab.data.datamodule import DataSpec
+from nanlab.data.shapes import draw_shape
+from nanlab.model.checkpoint import save_pretrained
+from nanlab.model.qwen_vl import ModelSpec, build_model
+from nanlab.numerics.attention import SoftmaxSpec
+from nanlab.numerics.precision import PrecisionSpec
+from nanlab.numerics.stress import StressSpec
+from nanlab.probe import ProbeOptions, ProbeSpec, combine, probe
+from nanlab.run.serve import locate, split_rows
 
 LONG = "A large red circle in the top left corner of a white picture, drawn with care."
 # (shape, question, answer); the line numbers (1-4) are the sample ids
@@ -59,9 +59,9 @@ def case(tmp_path_factory, processor):
 @pytest.fixture
 def fast_processor(monkeypatch, processor):
     """The probe loads the checkpoint's tokenizer (~3 s); the case saved the session's."""
-    import src.processing
+    import nanlab.model.processing
 
-    monkeypatch.setattr(src.processing, "load_processor", lambda *args, **kwargs: processor)
+    monkeypatch.setattr(nanlab.model.processing, "load_processor", lambda *args, **kwargs: processor)
 
 
 def _spec(case, padding_side="left", softmax="naive", stress="none", **kw) -> ProbeSpec:
@@ -114,7 +114,7 @@ def test_probe_lists_exactly_the_failing_samples(case, fast_processor, tmp_path)
 
 
 def test_split_rows_gives_each_row_its_own_images(processor):
-    from src.data import Collator
+    from nanlab.data.datamodule import Collator
 
     image = draw_shape("circle", "red", "large", "centre", "white", 56, __import__("random")
                        .Random(0))

@@ -1,7 +1,7 @@
 """The offline tokenizer and processor behave like Qwen2.5-VL's."""
 from PIL import Image
 
-from src.processing import SPECIAL_TOKENS, ProcessorSpec, load_processor
+from nanlab.model.processing import SPECIAL_TOKENS, ProcessorSpec, load_processor
 
 QWEN_RENDERED = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"

@@ -1,5 +1,5 @@
 """Constructed records for the report tests (and the notebook test), written the way a run
-writes them: src.record.Record instances through write_record, with a resolved `config`, the
+writes them: nanlab.record.Record instances through write_record, with a resolved `config`, the
 `cell` hash (config without the seed) and the mechanism YAML under config["stress"]. A run
 that stays finite gets a test-time pass as the runner gives it (test_status, failing ids,
 cause): finite by default, or as an outcome tuple's fifth field says (served_bad, ...).
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from src.record import Record, write_record
+from nanlab.record import Record, write_record
 
 GROUPS = ("model", "data", "precision", "softmax", "stress", "guard")
 GROUP_OPTIONS = {   # option -> the subtree Hydra would compose (name added)

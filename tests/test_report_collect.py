@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from test_report_builders import BASE, config_for, failing, ok, run, seeds, stalled
 
-from src import report
-from src.record import Record, write_record
-from src.report import match
+from nanlab import report
+from nanlab.record import Record, write_record
+from nanlab.report import match
 
 # --------------------------------------------------------------------------- collect
 

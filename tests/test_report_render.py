@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from test_report_builders import DEMO_MECHS, DEMO_OUTCOMES, demo_map
 
-from src import report
+from nanlab import report
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -142,7 +142,7 @@ def test_cli_and_no_heavy_import(demo, tmp_path):
 
 
 def test_cli_no_records(tmp_path):
-    from src.report.__main__ import main
+    from nanlab.report.__main__ import main
     assert main([str(tmp_path)]) == 2
 
 

@@ -1,4 +1,4 @@
-"""Issue 9's verdict rules, each pinned on constructed records (src.record.Record through
+"""Issue 9's verdict rules, each pinned on constructed records (nanlab.record.Record through
 write_record), read back by src.report as a cluster's results would be.
 
 Expected values come from the construction (the outcomes each cell's seeds were given), not
@@ -19,7 +19,7 @@ from test_report_builders import (
     stalled,
 )
 
-from src import report
+from nanlab import report
 
 CAUSE = "exp_overflow"
 BASELINE = ["precision=bf16", "softmax=naive", "lr_x=10"]

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from test_report_builders import BASE, apply, run
 
-from src import report
-from src.report.sensitivity import families
+from nanlab import report
+from nanlab.report.sensitivity import families
 
 OPTIM = {"name": "adamw", "eps": 1e-8, "betas": [0.9, 0.999], "z_loss": 0.0}
 LRS = (0.1, 1, 10, 100)
@@ -156,7 +156,7 @@ def test_seeds_range_and_ties_by_hand(fs):
                (seed 2 ran at one lr_x only, as an error: no evidence)
     bf16 qk:   seed 0: 2.0 + 1.0 - 0.1 + 3.0 = 5.9 / 4; seed 1: 2.0 + 1.0 + 0.1 + 3.0 = 6.1 / 4
     fp16 z 0.85-0.9, qk 0.975-1.025, none 1.25: no overlap with rank 1."""
-    from src.report.sensitivity import by_group, tied_with_first
+    from nanlab.report.sensitivity import by_group, tied_with_first
 
     assert _find(fs, "bf16", "z").seed_range == pytest.approx((0.975, 1.025))
     assert _find(fs, "bf16", "none").seed_range == pytest.approx((0.875, 1.35))

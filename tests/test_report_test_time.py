@@ -26,8 +26,8 @@ from test_report_builders import (
     stalled,
 )
 
-from src import report
-from src.report.figures import TEST_FAILS_COLOR, TEST_FAILS_TEXT
+from nanlab import report
+from nanlab.report.figures import TEST_FAILS_COLOR, TEST_FAILS_TEXT
 
 CAUSE = "masked_row"
 BASELINE = ["precision=bf16", "softmax=stable", "serve.precision=bf16_autocast"]

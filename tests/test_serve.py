@@ -7,12 +7,12 @@ import dataclasses
 
 import pytest
 
-from src.config import compose_spec
-from src.data import Collator, shapes_splits
-from src.probe import ProbeSpec, probe
-from src.processing import load_processor
-from src.runner import run
-from src.serve import ServeSpec, verdict
+from nanlab.config.compose import compose_spec
+from nanlab.data.datamodule import Collator, shapes_splits
+from nanlab.model.processing import load_processor
+from nanlab.probe import ProbeSpec, probe
+from nanlab.run.runner import run
+from nanlab.run.serve import ServeSpec, verdict
 
 BASE = ["experiment=nan_map_base", "logger=none", "max_steps=4", "stress=serving_masked_rows",
         "precision=bf16", "softmax=stable", "lr_x=1", "serve.precision=bf16_autocast"]

@@ -23,8 +23,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from src.config import CONF_DIR
-from src.slurm import slurm_state, squeue_info
+from nanlab.config.compose import CONF_DIR
+from nanlab.sweep.slurm import slurm_state, squeue_info
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_SCRIPT = ROOT / "experiments" / "slurm" / "local_cluster.sh"

@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from helpers import spec
-from src import attention, stress
-from src.attention import SoftmaxSpec
-from src.config import compose_spec
-from src.data import Collator, DataSpec, NanDataModule, shapes_splits
-from src.model import build_model
-from src.module import NanLabModule, OptimSpec
-from src.monitor import AttentionStats
-from src.stress import StressSpec
+from nanlab.config.compose import compose_spec
+from nanlab.data.datamodule import Collator, DataSpec, NanDataModule, shapes_splits
+from nanlab.diagnosis.monitor import AttentionStats
+from nanlab.model.qwen_vl import build_model
+from nanlab.numerics import attention, stress
+from nanlab.numerics.attention import SoftmaxSpec
+from nanlab.numerics.stress import StressSpec
+from nanlab.run.module import NanLabModule, OptimSpec
 
 IM_START = 151644
 
@@ -131,7 +131,7 @@ def test_fp16_overflow_is_born_in_the_down_projection_of_one_token(batch):
 
 def test_pixel_range_overflows_the_patch_embedding_in_fp16_only(processor):
     samples = shapes_splits(DataSpec(num_train=4, num_val=0, num_test=0), 0)["train"]
-    from src.processing import ProcessorSpec, load_processor
+    from nanlab.model.processing import ProcessorSpec, load_processor
 
     raw = load_processor(ProcessorSpec(normalize=False))
     b = Collator(raw, pixel_max=65535)(samples)

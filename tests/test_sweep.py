@@ -19,10 +19,10 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import open_dict
 
 from helpers import hydra_cfg, plain
-from src.config import CONF_DIR, spec_from_config, validate_cli
-from src.record import read_record
-from src.report import collect
-from src.sweep import SweepProgress, grid_size, progress_line
+from nanlab.config.compose import CONF_DIR, spec_from_config, validate_cli
+from nanlab.record import read_record
+from nanlab.report import collect
+from nanlab.sweep.progress import SweepProgress, grid_size, progress_line
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["max_steps=2", "data.num_train=8", "data.num_val=4", "data.num_test=4", "logger=csv",
@@ -59,7 +59,7 @@ def test_launchers_compose(launcher, target):
         overrides.append("hydra.launcher.n_jobs=2")
     cfg = hydra_cfg(*overrides)
     assert cfg.hydra.launcher._target_.endswith(target)
-    assert cfg.hydra.callbacks.sweep_progress._target_ == "src.sweep.SweepProgress"
+    assert cfg.hydra.callbacks.sweep_progress._target_ == "nanlab.sweep.progress.SweepProgress"
     if launcher == "joblib":
         assert cfg.hydra.launcher.n_jobs == 2
 

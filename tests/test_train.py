@@ -4,9 +4,9 @@ import os
 import pytest
 
 from helpers import FAST, cli, spec
-from src.config import validate_cli
-from src.record import find_records, read_record
-from src.runner import run
+from nanlab.config.compose import validate_cli
+from nanlab.record import find_records, read_record
+from nanlab.run.runner import run
 
 
 def test_unknown_group_option_is_one_line_listing_the_allowed():

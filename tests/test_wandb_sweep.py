@@ -23,8 +23,8 @@ import yaml
 from experiments.wandb import make_grid, run_cell
 from helpers import hydra_cfg, plain
 from hydra_plugins.nanlab_sweeper.mechanism_sweeper import mechanism_cells
-from src.config import CONF_DIR, compose_spec, spec_from_config, validate_cli
-from src.sweep import grid_size
+from nanlab.config.compose import CONF_DIR, compose_spec, spec_from_config, validate_cli
+from nanlab.sweep.progress import grid_size
 
 ROOT = Path(__file__).resolve().parent.parent
 WANDB_DIR = ROOT / "experiments" / "wandb"
@@ -232,8 +232,8 @@ def test_wandb_run_has_the_cell_and_the_config(tmp_path, monkeypatch, capsys, ce
     lr_x, ... for the dashboard's views); the outcome goes into its summary."""
     import wandb
 
-    from src.record import Record
-    from src.runner import _finish_logger, _logger
+    from nanlab.record import Record
+    from nanlab.run.runner import _finish_logger, _logger
 
     cell = next(c for c in cells if c.startswith("stress="))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-import src.config  # noqa: F401  (registers the config schemas conf/config.yaml starts from)
+import nanlab.config.compose  # noqa: F401  (registers the config schemas conf/config.yaml starts from)
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = Path(__file__).with_name("grid.yaml")

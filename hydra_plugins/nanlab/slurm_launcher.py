@@ -21,9 +21,9 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
     SlurmLauncher as _SubmititSlurmLauncher,
 )
 
-from src.record import RECORD_NAME
-from src.slurm import ENDED_EARLY, SLURM_JOBS, make_watcher, slurm_state
-from src.sweep import ACTIVE_PROGRESS, OUTCOMES, print_markup
+from nanlab.record import RECORD_NAME
+from nanlab.sweep.progress import ACTIVE_PROGRESS, OUTCOMES, print_markup
+from nanlab.sweep.slurm import ENDED_EARLY, SLURM_JOBS, make_watcher, slurm_state
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class SlurmLauncher(_SubmititSlurmLauncher):
     """Hydra's submitit SLURM launcher (`hydra/launcher=slurm`), made to survive SLURM:
 
-    * states: squeue where sacct has no accounting database (src.slurm's watcher), so a task
+    * states: squeue where sacct has no accounting database (nanlab.sweep.slurm's watcher), so a task
       that ended without a result is noticed, and no warning on every poll;
     * a task that ended without a result (time limit, scancel, node failure, OOM kill) does
       not fail the sweep: its record says what happened (`interrupted` when the run caught

@@ -180,8 +180,8 @@ class BisectionSweeper(Sweeper):
     def _done_status(result: Any, sweep_dir: Path) -> tuple[str, str | None]:
         from omegaconf import OmegaConf
 
-        from src.config import config_hash
-        from src.record import find_done, read_record
+        from nanlab.config.compose import config_hash
+        from nanlab.record import find_done, read_record
 
         try:
             plain = OmegaConf.to_container(result.cfg, resolve=True)
