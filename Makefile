@@ -40,8 +40,10 @@ test: $(STAMP)  ## the whole suite, slow end-to-end tests included (what CI runs
 test-fast: $(STAMP)  ## the tier to run on every change: no end-to-end sweeps (< 3 min on 2 cores)
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff (lint and format) and mypy on the package, as .pre-commit-config.yaml and CI
 	$(PY) -m ruff check nanlab src tests hydra_plugins experiments
+	$(PY) -m ruff format --check nanlab src tests hydra_plugins experiments
+	$(PY) -m mypy
 
 bench: $(STAMP)  ## wrappers (bare loop, src.train, transformers.Trainer), monitor and precision costs as ratios; ARGS=--quick: the wrapper table alone (< 2 min)
 	$(PY) -m experiments.bench $(ARGS)

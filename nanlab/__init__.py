@@ -1,4 +1,5 @@
 """nanlab: map where fine-tuning Qwen2.5-VL turns to NaN, and which mitigations prevent it."""
+
 import os
 
 # Everything runs offline: no hub is ever reached at run time.

@@ -14,7 +14,7 @@ it (`batch_size`, `data.padding_side`, `stress=masked_rows` builds summed-plane 
    text hidden states came out non-finite (`batch_nonfinite`);
 2. every row again on its own, *keeping the padding it got in the batch* (its slice of
    the batch and its own images' patches), under the monitor's hooks
-   (`monitor.AttentionStats` via `attention.OBSERVERS`, `monitor.first_nonfinite_forward`).
+   (`attention_stats.AttentionStats` via `attention.OBSERVERS`, `locate.first_nonfinite_forward`).
    The vision tower's attention runs per image/window chunk with no sample dimension, so a
    batched forward cannot say which sample a vision chunk belongs to; a row alone can, for
    both towers, with no second set of hooks. Masks, positions and every op of the model
@@ -29,12 +29,14 @@ Outputs in `probe.out` (default: the Hydra output dir): `samples.parquet` and `s
 multirun, `combined.parquet` and `fixes.csv` in the sweep dir say, for every sample that
 failed in some job, under which settings it was finite.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from hydra.experimental.callback import Callback
 
@@ -44,6 +46,7 @@ from nanlab.config.specs import SPLITS, ModelSpec, ProbeOptions, ProbeSpec  # no
 from nanlab.run.probe_tables import SETTINGS, TABLE, combine, print_summary
 
 # --- data --------------------------------------------------------------------------------
+
 
 def load_samples(spec: ProbeSpec) -> list[dict]:
     from nanlab.data.datamodule import JsonlDataset
@@ -79,12 +82,22 @@ def _prompt(row: dict) -> dict:
     while start - 1 in supervised:
         start -= 1
     length = labels.numel()
-    return {k: (v[:, :start] if k != "pixel_values" and k != "image_grid_thw"
-                and v.dim() == 2 and v.shape[1] == length else v)
-            for k, v in row.items() if k not in ("labels", "sample_ids")}
+    return {
+        k: (
+            v[:, :start]
+            if k != "pixel_values"
+            and k != "image_grid_thw"
+            and v.dim() == 2
+            and v.shape[1] == length
+            else v
+        )
+        for k, v in row.items()
+        if k not in ("labels", "sample_ids")
+    }
 
 
 # --- the probe ---------------------------------------------------------------------------
+
 
 def _to(batch: dict, device: str) -> dict:
     import torch
@@ -98,30 +111,40 @@ def probe(spec: ProbeSpec, out_dir: str | Path | None = None, quiet: bool = Fals
     import torch
 
     from nanlab.data.datamodule import Collator
-    from nanlab.diagnosis.monitor import AttentionStats
+    from nanlab.diagnosis.attention_stats import AttentionStats
     from nanlab.model.checkpoint import resolve
     from nanlab.numerics import precision
-    from nanlab.run.build import build_parts, pick_device, plant_stress
-    from nanlab.run.module import supervised_loss
+    from nanlab.run.build import build_parts, pick_device
     from nanlab.run.serve import nonfinite, properties, scan_row, split_rows
 
     path = resolve(spec.checkpoint)
     torch.manual_seed(spec.seed)
-    # the checkpoint's own model and processor, through training's build path
-    parts = build_parts(ModelSpec(path=str(path)), spec.data, spec.softmax, spec.stress,
-                        spec.precision, spec.seed,
-                        spec.device if spec.device != "auto" else pick_device("auto"))
-    processor, model, plugin = parts.processor, parts.model.eval(), parts.plugin
-    collate = Collator(processor, spec.data.padding_side, spec.data.max_length,
-                       spec.data.pixel_max)
     samples = load_samples(spec)
-    batches = []
-    for start in range(0, len(samples), spec.batch_size):
-        batch = collate(samples[start:start + spec.batch_size])
-        batches.append(parts.batch_transform(batch, len(batches)) if parts.batch_transform
-                       else batch)
-    with torch.no_grad():  # calibrated in fp32 on the first batch, as training does
-        plant_stress(parts, spec.stress, batches[0], lambda b: supervised_loss(model, b))
+    batches: list[dict] = []
+
+    def first_batch(parts):  # the probe's batches, as training pads them; calibrate on the first
+        collate = Collator.for_data(parts.processor, spec.data)
+        for start in range(0, len(samples), spec.batch_size):
+            batch = collate(samples[start : start + spec.batch_size])
+            batches.append(
+                parts.batch_transform(batch, len(batches)) if parts.batch_transform else batch
+            )
+        return batches[0]
+
+    # the checkpoint's own model and processor, through training's build path
+    parts = build_parts(
+        ModelSpec(path=str(path)),
+        spec.data,
+        spec.softmax,
+        spec.stress,
+        spec.precision,
+        spec.seed,
+        spec.device if spec.device != "auto" else pick_device("auto"),
+        first_batch,
+    )
+    if not batches:
+        first_batch(parts)
+    processor, model, plugin = parts.processor, parts.model.eval(), parts.plugin
     if isinstance(plugin, precision.ProgressiveMixed):
         plugin.active = True  # a fine-tuned checkpoint is past the fp32 warm-up
     device = parts.device
@@ -136,22 +159,28 @@ def probe(spec: ProbeSpec, out_dir: str | Path | None = None, quiet: bool = Fals
     with torch.no_grad():
         for b, batch in enumerate(batches):
             batch = plugin.convert_input(_to(batch, device))
-            batch_bad = [None] * batch["input_ids"].shape[0]
+            batch_bad: list[bool | None] = [None] * batch["input_ids"].shape[0]
             if spec.probe.batched:
                 inputs = {k: v for k, v in batch.items() if k not in ("labels", "sample_ids")}
                 with plugin.forward_context():
                     out = model(**inputs, use_cache=False, output_hidden_states=True)
-                batch_bad = [nonfinite(out.logits[i])
-                             or any(nonfinite(h[i]) for h in out.hidden_states)
-                             for i in range(len(batch_bad))]
+                batch_bad = [
+                    nonfinite(out.logits[i]) or any(nonfinite(h[i]) for h in out.hidden_states)
+                    for i in range(len(batch_bad))
+                ]
                 del out
             for r, row in enumerate(split_rows(batch, image_token_id, merge)):
-                rec = {**properties(row, spec.data.padding_side, merge), "batch": b, "row": r,
-                       **scan_row(model, plugin.forward_context, stats, row),
-                       "batch_nonfinite": batch_bad[r]}
+                rec = {
+                    **properties(row, spec.data.padding_side, merge),
+                    "batch": b,
+                    "row": r,
+                    **scan_row(model, plugin.forward_context, stats, row),
+                    "batch_nonfinite": batch_bad[r],
+                }
                 if spec.probe.max_new_tokens > 0:
-                    rec.update(_generate(model, plugin, _prompt(row), spec.probe.max_new_tokens,
-                                         tokenizer))
+                    rec.update(
+                        _generate(model, plugin, _prompt(row), spec.probe.max_new_tokens, tokenizer)
+                    )
                 records.append(rec)
     table = pd.DataFrame.from_records(records)
     settings = settings_of(spec, str(path), table, parts.half_gemm)
@@ -166,37 +195,55 @@ def _generate(model, plugin, prompt: dict, max_new_tokens: int, tokenizer) -> di
     """Greedy generation from the row's prompt under the same hooks."""
     import torch
 
-    from nanlab.diagnosis.monitor import first_nonfinite_forward
+    from nanlab.diagnosis.locate import first_nonfinite_forward
 
     def run():
         with plugin.forward_context():
-            return model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False,
-                                  pad_token_id=tokenizer.pad_token_id, output_logits=True,
-                                  return_dict_in_generate=True)
+            return model.generate(
+                **prompt,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
 
+    out: Any
     name, _, out = first_nonfinite_forward(model, run)
     logits_bad = any(not torch.isfinite(step).all() for step in out.logits)
-    new = out.sequences[0, prompt["input_ids"].shape[1]:]
-    return {"gen_nonfinite": name is not None or logits_bad, "gen_first_module": name,
-            "gen_text": tokenizer.decode(new, skip_special_tokens=False)}
+    new = out.sequences[0, prompt["input_ids"].shape[1] :]
+    return {
+        "gen_nonfinite": name is not None or logits_bad,
+        "gen_first_module": name,
+        "gen_text": tokenizer.decode(new, skip_special_tokens=False),
+    }
 
 
 # --- outputs ---------------------------------------------------------------------------
+
 
 def settings_of(spec: ProbeSpec, checkpoint: str, table, half_gemm: str = "native") -> dict:
     from nanlab.run.serve import summarize, verdict
 
     n_bad = int(table["nonfinite"].sum())
     return {
-        "checkpoint": checkpoint, "split": spec.split, "batch_size": spec.batch_size,
-        "precision": spec.precision.name, "softmax": spec.softmax.name,
-        "padding_side": spec.data.padding_side, "stress": spec.stress.name,
-        "data": spec.data.name, "samples": len(table), "nonfinite": n_bad,
+        "checkpoint": checkpoint,
+        "split": spec.split,
+        "batch_size": spec.batch_size,
+        "precision": spec.precision.name,
+        "softmax": spec.softmax.name,
+        "padding_side": spec.data.padding_side,
+        "stress": spec.stress.name,
+        "data": spec.data.name,
+        "samples": len(table),
+        "nonfinite": n_bad,
         "batch_nonfinite": int(table["batch_nonfinite"].eq(True).sum()),
-        "max_new_tokens": spec.probe.max_new_tokens, "half_gemm": half_gemm,
-        # the same test-time verdict a training run records (src/serve.py)
-        "verdict": verdict(summarize(table.to_dict("records"), spec.precision.name,
-                                     spec.data.padding_side, 0.0)),
+        "max_new_tokens": spec.probe.max_new_tokens,
+        "half_gemm": half_gemm,
+        # the same test-time verdict a training run records (nanlab/run/serve.py)
+        "verdict": verdict(
+            summarize(table.to_dict("records"), spec.precision.name, spec.data.padding_side, 0.0)
+        ),
     }
 
 
@@ -210,6 +257,7 @@ def write(table, settings: dict, out_dir: str | Path) -> Path:
 
 
 # --- the Hydra entry ---------------------------------------------------------------------
+
 
 class CombineOnMultirunEnd(Callback):
     """Hydra callback (conf/probe.yaml): combine the sweep once every job has finished."""
@@ -231,9 +279,11 @@ def hydra_job(cfg) -> None:
 
     try:
         if OmegaConf.is_missing(cfg, "checkpoint"):
-            raise ValueError("checkpoint=???: required: a run dir trained with save.hf=true, "
-                             "its hf/, or a save_pretrained directory")
-        spec = probe_spec_from_config(OmegaConf.to_container(cfg, resolve=True))
+            raise ValueError(
+                "checkpoint=???: required: a run dir trained with save.hf=true, "
+                "its hf/, or a save_pretrained directory"
+            )
+        spec = probe_spec_from_config(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
         out = spec.probe.out or HydraConfig.get().runtime.output_dir
         probe(spec, out)
     except Exception as e:  # noqa: BLE001 - one line, and the sweep goes on

@@ -4,11 +4,13 @@ Re-runs the recorded config and seed from scratch (same data order, same weights
 RNG) until it fails again, then checks that the failure is the same (step, phase, module)
 and that the batch that broke it equals the saved `failing_batch.pt`.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 import tempfile
+import typing
 from pathlib import Path
 
 import torch
@@ -30,18 +32,22 @@ def replay(run_dir: str | Path, out_dir: str | Path | None = None) -> tuple[bool
     run_dir = Path(run_dir)
     recorded = read_record(run_dir / RECORD_NAME)
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain = typing.cast(dict, OmegaConf.to_container(cfg, resolve=True))
     plain["logger"] = {"name": "none"}
     plain.setdefault("trainer", {})["progress"] = False
     spec = spec_from_config(plain, recorded.overrides)
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="nanlab-replay-"))
     again = run(spec, out_dir)
     fields = ("status", "first_bad_step", "phase", "module", "dtype")
-    diffs = [f"{f}: {getattr(recorded, f)} -> {getattr(again, f)}" for f in fields
-             if getattr(recorded, f) != getattr(again, f)]
+    diffs = [
+        f"{f}: {getattr(recorded, f)} -> {getattr(again, f)}"
+        for f in fields
+        if getattr(recorded, f) != getattr(again, f)
+    ]
     saved, fresh = run_dir / "failing_batch.pt", out_dir / "failing_batch.pt"
-    if saved.exists() and (not fresh.exists()
-                           or not _same_batch(torch.load(saved), torch.load(fresh))):
+    if saved.exists() and (
+        not fresh.exists() or not _same_batch(torch.load(saved), torch.load(fresh))
+    ):
         diffs.append("the failing batch differs from the saved one")
     if diffs:
         return False, "replay differs: " + "; ".join(diffs)

@@ -2,10 +2,11 @@
 
     python -m src.train precision=bf16 softmax=stable -m lr=1e-5,5e-5
 
-Only this file (and the other entry points) sees Hydra: src/config.py turns the composed
-config into the typed specs of src/specs.py and src/runner.py runs them. A bad option is
+Only this file (and the other entry points) sees Hydra: nanlab/config/compose.py turns the composed
+config into the typed specs of nanlab/config/specs.py and nanlab/run/runner.py runs them. A bad option is
 refused by `validate_cli` before Hydra composes and before torch loads.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,10 @@ def hydra_job(cfg) -> str:
     try:
         return _job(cfg, hc, run_dir, overrides)
     except Interrupted as e:  # before run() took over: still one record, then stop
-        write_record(Record(status="interrupted", signal=str(e), overrides=overrides,
-                            run_dir=str(run_dir)), run_dir)
+        write_record(
+            Record(status="interrupted", signal=str(e), overrides=overrides, run_dir=str(run_dir)),
+            run_dir,
+        )
         raise SystemExit(128 + e.signum) from None
 
 
@@ -46,16 +49,21 @@ def _job(cfg, hc, run_dir: Path, overrides: list[str]) -> str:
 
     multirun = hc.mode.name == "MULTIRUN"
     try:
-        spec = spec_from_config(OmegaConf.to_container(cfg, resolve=True), overrides, multirun)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        spec = spec_from_config(resolved, overrides, multirun)  # type: ignore[arg-type]
     except Exception as e:  # noqa: BLE001 - a bad cell is a record, the sweep goes on
-        record = Record(status="error", error=f"{type(e).__name__}: {e}", overrides=overrides,
-                        run_dir=str(run_dir))
+        record = Record(
+            status="error",
+            error=f"{type(e).__name__}: {e}",
+            overrides=overrides,
+            run_dir=str(run_dir),
+        )
         for key in ("precision", "softmax", "stress", "guard"):
             setattr(record, key, str(OmegaConf.select(cfg, f"{key}.name", default="")))
         record.lr = float(cfg.get("lr")) if isinstance(cfg.get("lr"), (int, float)) else math.nan
         record.seed = int(cfg.get("seed", 0))
         write_record(record, run_dir)
-        if not multirun:  # a sweep's cell line (src/sweep.py) says it
+        if not multirun:  # a sweep's cell line (nanlab/sweep/progress.py) says it
             print(f"error: {e}", file=sys.stderr)
         LAST_STATUS.append("error")
         return "error"

@@ -1,4 +1,5 @@
 """`python -m src.replay <run dir>`: runs `nanlab.replay` (the code lives there)."""
+
 import sys
 
 from nanlab.replay import main

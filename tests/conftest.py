@@ -1,4 +1,5 @@
 """Shared fixtures. The real processor takes ~10 s to load, so it is built once per session."""
+
 import pytest
 
 import nanlab  # noqa: F401  (sets HF_HUB_OFFLINE before transformers is imported)

@@ -1,5 +1,6 @@
 """Softmax variants: against a float64 reference, plugged into both towers, and where
 naive fails while safe does not."""
+
 import math
 
 import pytest
@@ -54,8 +55,9 @@ def test_softcap_bounds_logits(qkv):
     assert (w.amax(-1) / w.amin(-1)).max() <= math.exp(2) * 1.0001
 
 
-@pytest.mark.parametrize("dtype,logit", [(torch.float32, 100.0), (torch.bfloat16, 100.0),
-                                         (torch.float16, 20.0)])
+@pytest.mark.parametrize(
+    "dtype,logit", [(torch.float32, 100.0), (torch.bfloat16, 100.0), (torch.float16, 20.0)]
+)
 def test_naive_overflows_where_max_subtraction_does_not(dtype, logit):
     # one logit past log(max float): 88.7 in fp32 and bf16, 11.1 in fp16
     scores = torch.zeros(1, 1, 2, 4, dtype=dtype)
@@ -75,9 +77,10 @@ def test_fully_masked_row_nan_except_safe(dtype):
     mask = torch.zeros(1, 1, 3, 3)
     mask[..., 0, :] = torch.finfo(torch.float32).min  # query row 0 sees nothing
     with torch.autocast("cpu", dtype=dtype):
-        outs = {n: attention.attention_function(SoftmaxSpec(n))(FakeAttn().eval(), q, k, v, mask,
-                                                                 0.25)
-                for n in ("naive", "stable", "safe")}
+        outs = {
+            n: attention.attention_function(SoftmaxSpec(n))(FakeAttn().eval(), q, k, v, mask, 0.25)
+            for n in ("naive", "stable", "safe")
+        }
     assert torch.isnan(outs["naive"][1][..., 0, :]).all()
     assert torch.isnan(outs["stable"][1][..., 0, :]).all()
     safe_out, safe_w = outs["safe"]
@@ -86,7 +89,9 @@ def test_fully_masked_row_nan_except_safe(dtype):
 
 
 def test_unknown_variant_is_one_line_error():
-    with pytest.raises(ValueError, match=r"^softmax=softest: allowed sdpa, eager, naive"):
+    with pytest.raises(
+        ValueError, match=r"^softmax=softest: unknown option; allowed: eager, flash, fp32_qk"
+    ):
         attention.register(SoftmaxSpec("softest"))
 
 
@@ -94,10 +99,13 @@ def _images_batch():
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 1000, (2, 10), generator=g)
     ids[:, 2:6] = 151655  # 4 image tokens each: one 56x56 image per row
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "pixel_values": torch.randn(32, 1176, generator=g),
-            "image_grid_thw": torch.tensor([[1, 4, 4], [1, 4, 4]]),
-            "mm_token_type_ids": (ids == 151655).long()}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.randn(32, 1176, generator=g),
+        "image_grid_thw": torch.tensor([[1, 4, 4], [1, 4, 4]]),
+        "mm_token_type_ids": (ids == 151655).long(),
+    }
 
 
 @pytest.mark.parametrize("name", ["sdpa", "eager", "naive", "stable", "safe", "softcap"])

@@ -1,6 +1,7 @@
 """The frontier by bisection: the search (hydra_plugins/nanlab_sweeper/bisection.py) as plain
 Python against fake oracles, the sweeper (bisection_sweeper.py next to it): its settings and
 combinations, and one slow end-to-end sweep through the real entry point."""
+
 from __future__ import annotations
 
 import csv
@@ -45,12 +46,12 @@ def threshold(t: float, below: str = "ok", above: str = "nonfinite"):
 def test_known_threshold_is_found_within_one_step(t):
     lo, hi, steps = 0.03, 30.0, 4
     result = bisect(threshold(t), lo, hi, steps, seeds=(0, 1))
-    step = (hi / lo) ** (1 / 2 ** steps)
+    step = (hi / lo) ** (1 / 2**steps)
     assert result["outcome"] == "bracketed"
     assert result["largest_stable"] <= t < result["smallest_unstable"]
     assert result["smallest_unstable"] / result["largest_stable"] == pytest.approx(step, rel=1e-3)
     # it is exactly the largest point of the dense grid at or below t
-    grid = [grid_value(lo, hi, i, steps) for i in range(2 ** steps + 1)]
+    grid = [grid_value(lo, hi, i, steps) for i in range(2**steps + 1)]
     assert result["largest_stable"] == max(x for x in grid if x <= t)
     # both ends, then one midpoint per step, each with every seed
     assert result["rounds"] == 1 + steps
@@ -70,7 +71,7 @@ def test_lo_unstable_means_the_frontier_is_below_the_range():
     result = bisect(threshold(0.01), 0.03, 30, 4, seeds=(0, 1))
     assert result["outcome"] == "below_range"
     assert result["largest_stable"] is None and result["smallest_unstable"] == 0.03
-    assert result["rounds"] == 1 and result["runs"] == 4      # lo and hi, nothing more
+    assert result["rounds"] == 1 and result["runs"] == 4  # lo and hi, nothing more
 
 
 def test_hi_stable_means_the_frontier_is_above_the_range():
@@ -106,7 +107,7 @@ def test_a_missing_seed_counts_as_error_and_unasked_points_are_refused():
     search = Bisection(0.1, 10, 2, seeds=(0, 1))
     assert search.pending() == [0, 4]
     search.observe(0, {0: "ok", 1: "ok"})
-    search.observe(4, {0: "nonfinite"})                  # seed 1 never came back
+    search.observe(4, {0: "nonfinite"})  # seed 1 never came back
     assert search.points[4] == {0: "nonfinite", 1: "error"}
     assert search.pending() == [2]
     with pytest.raises(ValueError):
@@ -114,7 +115,7 @@ def test_a_missing_seed_counts_as_error_and_unasked_points_are_refused():
 
 
 def test_rounds_batch_every_open_combination_and_its_seeds():
-    thresholds = [0.01, 0.5, 3.0, 100.0]     # below, inside, inside, above the range
+    thresholds = [0.01, 0.5, 3.0, 100.0]  # below, inside, inside, above the range
     searches = [Bisection(0.03, 30, 3, seeds=(0, 1)) for _ in thresholds]
     batches = []
 
@@ -125,8 +126,7 @@ def test_rounds_batch_every_open_combination_and_its_seeds():
     rounds = bisect_all(searches, evaluate)
     assert rounds == 4
     assert [len(b) for b in batches] == [4 * 2 * 2, 2 * 2, 2 * 2, 2 * 2]
-    assert [s.outcome for s in searches] == ["below_range", "bracketed", "bracketed",
-                                             "above_range"]
+    assert [s.outcome for s in searches] == ["below_range", "bracketed", "bracketed", "above_range"]
     for search, t in zip(searches[1:3], thresholds[1:3]):
         assert search.largest_stable <= t < search.smallest_unstable
     assert sum(s.runs for s in searches) == 4 + 10 + 10 + 4
@@ -134,9 +134,14 @@ def test_rounds_batch_every_open_combination_and_its_seeds():
 
 def test_grid_values_and_their_overrides():
     assert grid_value(0.03, 30, 0, 4) == 0.03 and grid_value(0.03, 30, 16, 4) == 30
-    assert grid_value(0.03, 30, 8, 4) == 0.9487          # sqrt(0.03 * 30), 4 digits
-    assert [fmt(x) for x in (30.0, 0.03, 0.9487, 1e-5, 1.0)] == ["30", "0.03", "0.9487",
-                                                               "1e-05", "1"]
+    assert grid_value(0.03, 30, 8, 4) == 0.9487  # sqrt(0.03 * 30), 4 digits
+    assert [fmt(x) for x in (30.0, 0.03, 0.9487, 1e-5, 1.0)] == [
+        "30",
+        "0.03",
+        "0.9487",
+        "1e-05",
+        "1",
+    ]
     with pytest.raises(ValueError):
         Bisection(1.0, 0.5, 3)
     with pytest.raises(ValueError):
@@ -145,11 +150,11 @@ def test_grid_values_and_their_overrides():
 
 def test_job_numbers_never_land_on_another_runs_record(tmp_path):
     job = ["precision=bf16", "lr_x=1", "seed=0"]
-    assert free_job_idx(tmp_path, [job], 0) == 0                 # nothing there yet
+    assert free_job_idx(tmp_path, [job], 0) == 0  # nothing there yet
     (tmp_path / "0").mkdir()
     (tmp_path / "0" / "record.json").write_text(json.dumps({"overrides": job[::-1]}))
     (tmp_path / "7").mkdir()
-    assert free_job_idx(tmp_path, [job], 0) == 0                 # its own dir: reused
+    assert free_job_idx(tmp_path, [job], 0) == 0  # its own dir: reused
     assert free_job_idx(tmp_path, [["precision=bf16", "lr_x=2", "seed=0"]], 0) == 8
 
 
@@ -174,8 +179,8 @@ def test_the_frontier_experiment_composes():
     assert cfg.hydra.sweep.dir == "outputs/sweeps/frontier_bisection"
     assert (sweeper.key, sweeper.lo, sweeper.hi, sweeper.steps) == ("lr_x", 0.03, 30, 4)
     assert list(sweeper.seeds) == [0, 1] and list(sweeper.stable_if) == ["ok"]
-    assert cfg.max_steps == 20 and cfg.trainer.progress is False      # nan_map_base
-    assert grid_size(cfg) is None        # adaptive: the progress line shows no total
+    assert cfg.max_steps == 20 and cfg.trainer.progress is False  # nan_map_base
+    assert grid_size(cfg) is None  # adaptive: the progress line shows no total
     combos, _ = BisectionSweeper(params=dict(sweeper.params)).split_combinations([])
     assert len(combos) == 12
 
@@ -185,8 +190,15 @@ def test_the_frontier_experiment_composes():
 
 def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "src.train", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.train", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -195,11 +207,21 @@ def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def test_bisection_sweep_end_to_end(tmp_path):
     """bf16 with the naive softmax (no max subtraction): ok at lr_x 0.1, non-finite at the
     first step at lr_x 30; 2 steps, 1 seed: lo, hi and 2 midpoints, one record each."""
-    args = ["-m", "experiment=nan_map_base", "hydra/sweeper=bisection",
-            "hydra.sweeper.params={precision:bf16,softmax:naive}",
-            "hydra.sweeper.lo=0.1", "hydra.sweeper.hi=30", "hydra.sweeper.steps=2",
-            "hydra.sweeper.seeds=[0]", "max_steps=4", "data.num_train=16", "data.num_test=4",
-            "serve.enabled=false", f"hydra.sweep.dir={tmp_path}"]
+    args = [
+        "-m",
+        "experiment=nan_map_base",
+        "hydra/sweeper=bisection",
+        "hydra.sweeper.params={precision:bf16,softmax:naive}",
+        "hydra.sweeper.lo=0.1",
+        "hydra.sweeper.hi=30",
+        "hydra.sweeper.steps=2",
+        "hydra.sweeper.seeds=[0]",
+        "max_steps=4",
+        "data.num_train=16",
+        "data.num_test=4",
+        "serve.enabled=false",
+        f"hydra.sweep.dir={tmp_path}",
+    ]
     started = time.time()
     proc = cli(*args)
     print(f"bisection, 1 combination, 2 steps, 1 seed: {time.time() - started:.1f} s")
@@ -212,7 +234,7 @@ def test_bisection_sweep_end_to_end(tmp_path):
     assert result["outcome"] == "bracketed"
     assert result["runs"] == 4 and result["dense_runs"] == 5 and doc["runs"] == 4
     lo, hi = result["bracket"]
-    assert 0.1 <= lo < hi <= 30 and hi / lo == pytest.approx(300 ** 0.25, rel=1e-3)
+    assert 0.1 <= lo < hi <= 30 and hi / lo == pytest.approx(300**0.25, rel=1e-3)
     # the bracket is what the probes say: its ends are the largest stable and the smallest
     # unstable value run, the range's ends among them (ok at 0.1, non-finite at 30)
     probes = {p["value"]: p for p in result["probes"]}
@@ -224,7 +246,7 @@ def test_bisection_sweep_end_to_end(tmp_path):
     records = {p: read_record(p) for p in tmp_path.rglob("record.json")}
     assert len(records) == 4
     for probe in result["probes"]:
-        rec = records[tmp_path / probe["records"]["0"]]     # relative to the sweep dir
+        rec = records[tmp_path / probe["records"]["0"]]  # relative to the sweep dir
         assert rec.lr_x == pytest.approx(probe["value"]) and rec.seed == 0
         assert rec.precision == "bf16" and rec.softmax == "naive"
         assert rec.status == probe["statuses"]["0"]

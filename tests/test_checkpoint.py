@@ -1,6 +1,7 @@
 """Checkpoints: the Hugging Face export reloads in plain transformers with the same logits
 (LoRA merged or as an adapter), and a run resumed from its Lightning checkpoint continues
 the loss curve of an uninterrupted one (fp32, CPU)."""
+
 from __future__ import annotations
 
 import csv
@@ -35,8 +36,13 @@ def test_save_pretrained_reloads_in_plain_transformers(tmp_path, processor):
 
     model = build_model(ModelSpec(), seed=0)
     out = save_pretrained(model, processor, tmp_path / "hf", lora_merged=True)
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "chat_template.jinja"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ):
         assert (out / name).is_file(), name
     assert not list(out.glob("*.bin")), "weights must be safetensors"
 
@@ -53,8 +59,9 @@ def test_save_pretrained_reloads_in_plain_transformers(tmp_path, processor):
 
     # this project's loader: model.path=DIR, and the tokenizer from the same dir
     again = build_model(ModelSpec(path=str(out)), seed=123)
-    assert torch.equal(reference, _logits(again, Collator(load_processor(
-        ProcessorSpec(), str(out)))(samples)))
+    assert torch.equal(
+        reference, _logits(again, Collator(load_processor(ProcessorSpec(), str(out)))(samples))
+    )
 
 
 @pytest.mark.slow
@@ -77,8 +84,12 @@ def test_lora_saves_merged_or_adapter(tmp_path, processor, merged):
     project = build_model(ModelSpec(path=str(out)), seed=0)
     for reloaded in (plain, project):
         # merging reorders the fp32 arithmetic (W + BA instead of Wx + B(Ax)): close, not equal
-        torch.testing.assert_close(_logits(reloaded, batch), reference,
-                                   atol=1e-4 if merged else 0, rtol=1e-4 if merged else 0)
+        torch.testing.assert_close(
+            _logits(reloaded, batch),
+            reference,
+            atol=1e-4 if merged else 0,
+            rtol=1e-4 if merged else 0,
+        )
 
 
 def test_resolve_finds_a_run_dirs_hf_export(tmp_path):
@@ -95,9 +106,18 @@ def test_resolve_finds_a_run_dirs_hf_export(tmp_path):
 # --- resuming ---------------------------------------------------------------------------
 
 STEPS, CUT = 6, 3
-RESUME = ["precision=fp32", "logger=none", f"max_steps={STEPS}", "batch_size=2", "lr=1e-3",
-          "data.num_val=0", "data.num_test=0", "trainer.progress=false",
-          "trainer.accelerator=cpu", "monitor.every=0"]
+RESUME = [
+    "precision=fp32",
+    "logger=none",
+    f"max_steps={STEPS}",
+    "batch_size=2",
+    "lr=1e-3",
+    "data.num_val=0",
+    "data.num_test=0",
+    "trainer.progress=false",
+    "trainer.accelerator=cpu",
+    "monitor.every=0",
+]
 
 
 def _history(run_dir: Path) -> dict[str, list[float]]:
@@ -138,8 +158,9 @@ def _resume_case(tmp_path, num_train: int, save_hf: bool = False):
     base = [*RESUME, f"data.num_train={num_train}"]
     full = run(compose_spec(*base), tmp_path / "full")
     assert full.status in FINITE, full.error
-    cut = run(compose_spec(*base, "save.checkpoint=true"), tmp_path / "cut",
-              extra_callbacks=[StopAt()])
+    cut = run(
+        compose_spec(*base, "save.checkpoint=true"), tmp_path / "cut", extra_callbacks=[StopAt()]
+    )
     assert cut.status in FINITE and cut.steps_done == CUT, cut.error
     last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
     assert last.is_file()
@@ -172,7 +193,8 @@ def test_resumed_run_continues_the_loss_curve(tmp_path, fast_processor):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        tmp_path / "resumed" / "hf", local_files_only=True)
+        tmp_path / "resumed" / "hf", local_files_only=True
+    )
     ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == STEPS
     trained = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}

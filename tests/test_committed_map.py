@@ -5,6 +5,7 @@
   the hashed keys makes the committed map stale: rerun it (COMMAND.md there) and commit.
 * report.md is what today's src.report makes of that results.csv (from the mechanisms on).
 """
+
 from __future__ import annotations
 
 import json
@@ -66,12 +67,12 @@ def test_committed_map_hashes_match_the_current_config(committed):
             seed = int(seeds[-1].split("=", 1)[1]) if seeds else spec.seed
             now = config_hash({**spec.config, "seed": seed})
         cell = getattr(row, "cell", None)
-        if now != str(row.config_hash) or (isinstance(cell, str) and cell
-                                           and spec.cell != cell):
+        if now != str(row.config_hash) or (isinstance(cell, str) and cell and spec.cell != cell):
             stale.append(f"{' '.join(overrides)}: committed {row.config_hash}, now {now}")
-    assert not stale, (f"{len(stale)} of {len(committed)} rows of {CSV} no longer match the "
-                       "config they were run with; rerun the map (see COMMAND.md):\n"
-                       + "\n".join(stale[:10]))
+    assert not stale, (
+        f"{len(stale)} of {len(committed)} rows of {CSV} no longer match the "
+        "config they were run with; rerun the map (see COMMAND.md):\n" + "\n".join(stale[:10])
+    )
 
 
 def test_committed_report_is_what_the_report_code_makes_of_it(committed):
@@ -79,9 +80,18 @@ def test_committed_report_is_what_the_report_code_makes_of_it(committed):
     assert report.RULES in md, "report.md was not written by the current src.report"
     df = report.load_results(CSV)
     a = report.analyze(df)
-    fresh = report.markdown.render(df, a.cells, a.mechanisms, a.advice, a.range_pairs,
-                                   a.frontier, report.write.NAMES, a.sensitivity)
+    fresh = report.markdown.render(
+        df,
+        a.cells,
+        a.mechanisms,
+        a.advice,
+        a.range_pairs,
+        a.frontier,
+        report.write.NAMES,
+        a.sensitivity,
+    )
     cut = "## Mechanisms"
-    assert fresh[fresh.index(cut):].strip() == md[md.index(cut):].strip(), (
+    assert fresh[fresh.index(cut) :].strip() == md[md.index(cut) :].strip(), (
         "report.md differs from what src.report makes of results.csv: rerun "
-        "`make report` and commit it")
+        "`make report` and commit it"
+    )

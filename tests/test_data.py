@@ -1,4 +1,5 @@
-"""src/data.py: shapes, JSONL readers, label masking, the data module. Real processor only."""
+"""nanlab/data/datamodule.py: shapes, JSONL readers, label masking, the data module. Real processor only."""
+
 import json
 import logging
 
@@ -20,8 +21,11 @@ IMAGE_PAD = 151655
 
 def fingerprint(sample):
     user, assistant = sample["messages"]
-    return (sample["images"][0].tobytes(), user["content"][1]["text"],
-            assistant["content"][0]["text"])
+    return (
+        sample["images"][0].tobytes(),
+        user["content"][1]["text"],
+        assistant["content"][0]["text"],
+    )
 
 
 def sample(sid, answers, n_images=1, system=None, question="What is it?"):
@@ -67,8 +71,7 @@ def test_shapes_splits_disjoint_and_well_formed():
     # captions are the base's task, not the fine-tuning one
     assert not any(a.startswith("A ") and a.endswith(".") for a in answers)
     captions = shapes_splits(DataSpec(num_train=8, num_val=0, num_test=0, tasks=["caption"]), 0)
-    assert all(s["messages"][1]["content"][0]["text"].startswith("A ")
-               for s in captions["train"])
+    assert all(s["messages"][1]["content"][0]["text"].startswith("A ") for s in captions["train"])
 
 
 def test_shapes_too_many_requested():
@@ -108,14 +111,22 @@ def test_labels_only_on_assistant_tokens(processor, side):
     for row in range(len(samples)):
         kept = (labels[row] != IGNORE_INDEX).tolist()
         starts = [i for i in range(1, len(kept)) if kept[i] and not kept[i - 1]]
-        assert starts and all(ids[row, i - 3:i].tolist() == header for i in starts)
+        assert starts and all(ids[row, i - 3 : i].tolist() == header for i in starts)
 
 
 def test_collator_output(processor):
-    batch = Collator(processor)(shapes_splits(DataSpec(num_train=4, num_val=0, num_test=0),
-                                              seed=0)["train"])
-    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "image_grid_thw",
-                          "mm_token_type_ids", "labels", "sample_ids"}
+    batch = Collator(processor)(
+        shapes_splits(DataSpec(num_train=4, num_val=0, num_test=0), seed=0)["train"]
+    )
+    assert set(batch) == {
+        "input_ids",
+        "attention_mask",
+        "pixel_values",
+        "image_grid_thw",
+        "mm_token_type_ids",
+        "labels",
+        "sample_ids",
+    }
     assert batch["pixel_values"].dtype == torch.float32
     grid = batch["image_grid_thw"]
     assert batch["pixel_values"].shape[0] == grid.prod(1).sum().item()
@@ -140,38 +151,71 @@ def write_jsonl(path, lines):
     return path
 
 
-QWEN = {"image": "a.png", "conversations": [
-    {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]}
-LLAMAFACTORY = {"images": ["a.png", "b.jpg"], "conversations": [
-    {"from": "human", "value": "<image><image>Compare."}, {"from": "gpt", "value": "Red, blue."},
-    {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]}
-SWIFT = {"messages": [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Look: <image> and say."}, {"role": "assistant", "content": "Grey."}],
-    "images": ["grey.png"]}
-LLAMAFACTORY_MESSAGES = {"images": ["b.jpg"], "messages": [
-    {"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "Blue."}]}
+QWEN = {
+    "image": "a.png",
+    "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour?"},
+        {"from": "gpt", "value": "Red."},
+    ],
+}
+LLAMAFACTORY = {
+    "images": ["a.png", "b.jpg"],
+    "conversations": [
+        {"from": "human", "value": "<image><image>Compare."},
+        {"from": "gpt", "value": "Red, blue."},
+        {"from": "human", "value": "Sure?"},
+        {"from": "gpt", "value": "Yes."},
+    ],
+}
+SWIFT = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Look: <image> and say."},
+        {"role": "assistant", "content": "Grey."},
+    ],
+    "images": ["grey.png"],
+}
+LLAMAFACTORY_MESSAGES = {
+    "images": ["b.jpg"],
+    "messages": [
+        {"role": "user", "content": "<image>Colour?"},
+        {"role": "assistant", "content": "Blue."},
+    ],
+}
 
 
 def test_jsonl_three_formats(tmp_path, images):
-    path = write_jsonl(tmp_path / "train.jsonl", [QWEN, "", LLAMAFACTORY, SWIFT,
-                                                  LLAMAFACTORY_MESSAGES])
+    path = write_jsonl(
+        tmp_path / "train.jsonl", [QWEN, "", LLAMAFACTORY, SWIFT, LLAMAFACTORY_MESSAGES]
+    )
     ds = JsonlDataset(path, image_root=images)
     assert len(ds) == 4 and ds.skipped == 0
     qwen, llf, swift, llf_messages = (ds[i] for i in range(4))
     assert qwen["id"] == "train.jsonl:1" and llf["id"] == "train.jsonl:3"  # line numbers
     assert qwen["messages"] == [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat colour?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "Red."}]}]
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "\nWhat colour?"}],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+    ]
     assert qwen["images"][0].getpixel((0, 0)) == (255, 0, 0)
     assert [m["role"] for m in llf["messages"]] == ["user", "assistant"] * 2
-    assert llf["messages"][0]["content"] == [{"type": "image"}, {"type": "image"},
-                                             {"type": "text", "text": "Compare."}]
+    assert llf["messages"][0]["content"] == [
+        {"type": "image"},
+        {"type": "image"},
+        {"type": "text", "text": "Compare."},
+    ]
     assert [im.getpixel((0, 0))[2] > 200 for im in llf["images"]] == [False, True]
-    assert swift["messages"][0] == {"role": "system",
-                                    "content": [{"type": "text", "text": "Be brief."}]}
+    assert swift["messages"][0] == {
+        "role": "system",
+        "content": [{"type": "text", "text": "Be brief."}],
+    }
     assert swift["messages"][1]["content"] == [
-        {"type": "text", "text": "Look: "}, {"type": "image"}, {"type": "text", "text": " and say."}]
+        {"type": "text", "text": "Look: "},
+        {"type": "image"},
+        {"type": "text", "text": " and say."},
+    ]
     assert swift["images"][0].mode == "RGB"
     assert llf_messages["messages"][1]["content"][0]["text"] == "Blue."
 
@@ -198,8 +242,13 @@ def test_jsonl_collates_with_real_processor(tmp_path, images, processor):
 BAD = {
     "bad JSON": '{"image": "a.png", "conversations": [',
     "missing image": {"image": "nope.png", "conversations": QWEN["conversations"]},
-    "2 <image> placeholders but 1 image": {"images": ["a.png"], "conversations": [
-        {"from": "human", "value": "<image><image>?"}, {"from": "gpt", "value": "x"}]},
+    "2 <image> placeholders but 1 image": {
+        "images": ["a.png"],
+        "conversations": [
+            {"from": "human", "value": "<image><image>?"},
+            {"from": "gpt", "value": "x"},
+        ],
+    },
     "unknown format": {"image": "a.png", "text": "hello"},
 }
 
@@ -226,16 +275,19 @@ def test_skip_bad_counts_and_warns_once(tmp_path, images, caplog):
 # ------------------------------------------------------------------ config errors, module
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"padding_side": "middle"}, "data.padding_side=middle: allowed left, right"),
-    ({"name": "foo"}, "data.name=foo: allowed shapes, jsonl"),
-    ({"name": "jsonl"}, "data.train_file=None: data=jsonl needs data.train_file"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"padding_side": "middle"}, "data.padding_side=middle: allowed left, right"),
+        ({"name": "foo"}, "data=foo: unknown option; allowed: jsonl, shapes"),
+        ({"name": "jsonl"}, "data.train_file=None: data=jsonl needs data.train_file"),
+    ],
+)
 def test_bad_values_one_line_errors(processor, kwargs, message):
     with pytest.raises(ValueError) as info:
         DataSpec(**kwargs).check()
     assert str(info.value) == message
-    with pytest.raises(ValueError, match="^data\\."):
+    with pytest.raises(ValueError, match="^data[.=]"):
         NanDataModule(DataSpec(**kwargs), processor, batch_size=4, seed=0)
 
 
@@ -278,8 +330,9 @@ def test_datamodule_batches_and_reproducible_order(processor):
 
 def test_datamodule_jsonl(tmp_path, images, processor):
     train = write_jsonl(tmp_path / "train.jsonl", [QWEN, LLAMAFACTORY, SWIFT, QWEN])
-    spec = DataSpec(name="jsonl", train_file=str(train), image_root=str(images),
-                    padding_side="left")
+    spec = DataSpec(
+        name="jsonl", train_file=str(train), image_root=str(images), padding_side="left"
+    )
     dm = NanDataModule(spec, processor, batch_size=2, seed=0)
     dm.setup("fit")
     assert len(dm.train_dataloader()) == 2 and len(dm.val) == 0

@@ -6,6 +6,7 @@ last snapshot.
 
 On CPU, where sync_every can be forced; each case runs twice (sync, then deferred).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -30,8 +31,10 @@ def baseline(name: str) -> list[str]:
 # run's read finds the failure and what it re-runs from its snapshot.
 CASES = {
     # naive softmax overflows at step 2; read after step 3: re-runs 0-1, locates 2
-    "forward": ([*FAST, "model.init=random", "softmax=naive", "lr=0.3", "precision=fp32",
-                 "max_steps=12"], 4),
+    "forward": (
+        [*FAST, "model.init=random", "softmax=naive", "lr=0.3", "precision=fp32", "max_steps=12"],
+        4,
+    ),
     # a NaN gradient at step 3; read after step 4: re-runs 0-2, then 3's backward, locates
     # it and lets its poisoned update run, as sync mode did
     "backward": ([*MAP, "stress=grad_poison", *baseline("grad_poison")], 5),
@@ -42,16 +45,44 @@ CASES = {
     "optimizer": ([*FAST, "max_steps=6", "precision=fp32", "serve.enabled=false"], 4),
     # guard=skip_step skips steps 0-7 in a row: a failure at step 0, called at step 7;
     # snapshots at 3 and 6, read after step 8: re-runs 6, locates step 0's batch
-    "skip_streak": ([*MAP, "stress=logit_growth", "softmax=naive", "precision=progressive",
-                     "precision.switch_step=4", "guard=skip_step",
-                     "monitor.max_skipped_in_row=8"], 3),
+    "skip_streak": (
+        [
+            *MAP,
+            "stress=logit_growth",
+            "softmax=naive",
+            "precision=progressive",
+            "precision.switch_step=4",
+            "guard=skip_step",
+            "monitor.max_skipped_in_row=8",
+        ],
+        3,
+    ),
     # finite throughout: snapshot at 4, last read at the end
     "ok": ([*FAST, "max_steps=6", "serve.enabled=false"], 4),
 }
-FIELDS = ("status", "first_bad_step", "phase", "module", "dtype", "cause", "cause_detail",
-          "cause_value", "replay_agrees", "max_attn_logit", "max_grad_norm",
-          "nonfinite_grad_frac", "nonfinite_param_frac", "empty_target_steps", "scaler_skips",
-          "loss_spikes", "initial_loss", "final_loss", "best_loss", "guard_fired", "error")
+FIELDS = (
+    "status",
+    "first_bad_step",
+    "phase",
+    "module",
+    "dtype",
+    "cause",
+    "cause_detail",
+    "cause_value",
+    "replay_agrees",
+    "max_attn_logit",
+    "max_grad_norm",
+    "nonfinite_grad_frac",
+    "nonfinite_param_frac",
+    "empty_target_steps",
+    "scaler_skips",
+    "loss_spikes",
+    "initial_loss",
+    "final_loss",
+    "best_loss",
+    "guard_fired",
+    "error",
+)
 
 
 class KeepMonitor(Callback):
@@ -86,16 +117,23 @@ def _run(overrides: list[str], sync_every: int, run_dir, case: str):
     return run(spec, run_dir, extra_callbacks=extra), keep.monitor
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "diverged" else c
-                                  for c in CASES])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c == "diverged" else c for c in CASES]
+)
 def test_deferred_checks_make_the_sync_record(case, tmp_path):
     overrides, n = CASES[case]
     sync, sync_monitor = _run(overrides, 0, tmp_path / "sync", case)  # 0: auto, 1 on CPU
     deferred, deferred_monitor = _run(overrides, n, tmp_path / "deferred", case)
     assert sync_monitor.sync_every == 1 and sync_monitor.deferred is None
     assert deferred_monitor.sync_every == n
-    expected = {"forward": "nonfinite", "backward": "nonfinite", "diverged": "diverged",
-                "optimizer": "nonfinite", "skip_streak": "nonfinite", "ok": "ok"}[case]
+    expected = {
+        "forward": "nonfinite",
+        "backward": "nonfinite",
+        "diverged": "diverged",
+        "optimizer": "nonfinite",
+        "skip_streak": "nonfinite",
+        "ok": "ok",
+    }[case]
     assert sync.status == expected, sync.verdict()
     if case == "optimizer":
         assert sync.phase == "optimizer" and sync.first_bad_step == 2, sync.verdict()
@@ -118,8 +156,12 @@ def test_deferred_checks_make_the_sync_record(case, tmp_path):
         assert deferred.steps_done == sync.steps_done
 
 
-HOOKS = ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step",
-         "on_train_batch_end")
+HOOKS = (
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+)
 
 
 def _host_reads(monkeypatch, sync_every: int, run_dir) -> tuple[list, int]:
@@ -134,6 +176,7 @@ def _host_reads(monkeypatch, sync_every: int, run_dir) -> tuple[list, int]:
             if where["hook"] and not where["reading"]:
                 conversions.append((where["hook"], name))
             return original(self, *args, **kwargs)
+
         return fn
 
     def watch(original, hook):
@@ -143,6 +186,7 @@ def _host_reads(monkeypatch, sync_every: int, run_dir) -> tuple[list, int]:
                 return original(self, *args, **kwargs)
             finally:
                 where["hook"] = None
+
         return fn
 
     def read(self, *args, **kwargs):
@@ -171,3 +215,51 @@ def test_deferred_steps_leave_the_checks_on_the_device(tmp_path, monkeypatch):
     # the spy sees sync mode's reads: per step, the loss, the gradient norm, the weights
     conversions, reads = _host_reads(monkeypatch, 1, tmp_path / "sync")
     assert reads == 0 and len(conversions) >= 3 * 8
+
+
+# --- sync mode's weight check every N steps (monitor.PARAMS_EVERY) -------------------------------
+
+# name: the cells above, plus a NaN over zero targets (the run goes on) and the optimizer
+# case poisoned late in a window (step 9 of a 16-step window with 12 steps)
+EVERY_N = {
+    "forward": CASES["forward"][0],
+    "backward": CASES["backward"][0],
+    "optimizer": CASES["optimizer"][0],
+    "skip_streak": [*CASES["skip_streak"][0], "optim.impl=foreach"],  # progressive: fp16 scaler
+    "ok": CASES["ok"][0],
+    "empty_targets": [*MAP, "stress=empty_targets", *baseline("empty_targets")],
+}
+
+
+def _run_params_every(overrides, every: int, run_dir, case: str, monkeypatch):
+    from nanlab.diagnosis import monitor as mon
+
+    monkeypatch.setattr(mon, "PARAMS_EVERY", every)
+    spec = compose_spec(*overrides)
+    keep = KeepMonitor()
+    extra = [keep, PoisonUpdate()] if case == "optimizer" else [keep]
+    return run(spec, run_dir, extra_callbacks=extra), keep.monitor
+
+
+@pytest.mark.parametrize("case", list(EVERY_N))
+def test_weights_every_n_steps_make_the_every_step_record(case, tmp_path, monkeypatch):
+    """The default on CPU checks the weights every PARAMS_EVERY steps (and before any other
+    failure is called), not after every step: the record, history and steps are the same as
+    the every-step check's, field by field. Windows of 4 here, so a check falls in mid-run
+    and after the poisoned update; 16 (the default) too for the optimizer case."""
+    overrides = EVERY_N[case]
+    every_step, m1 = _run_params_every(overrides, 1, tmp_path / "every", case, monkeypatch)
+    windows = (4, 16) if case == "optimizer" else (4,)
+    assert m1.weights is None
+    for n in windows:
+        rec, mn = _run_params_every(overrides, n, tmp_path / f"n{n}", case, monkeypatch)
+        assert mn.sync_every == 1 and mn.deferred is None
+        for field in (*FIELDS, "steps_done"):
+            assert getattr(rec, field) == getattr(every_step, field), (n, field)
+        assert (tmp_path / f"n{n}" / "history.csv").read_text() == (
+            tmp_path / "every" / "history.csv"
+        ).read_text()
+    if case == "optimizer":
+        assert every_step.phase == "optimizer" and every_step.first_bad_step == 2
+    if case == "empty_targets":
+        assert every_step.empty_target_steps > 0

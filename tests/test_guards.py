@@ -1,5 +1,6 @@
 """Guards: skip_step leaves weights untouched on a non-finite gradient; clamp keeps fp16
 hidden states finite."""
+
 import pytest
 import torch
 
@@ -49,10 +50,11 @@ def test_guards_rescue_the_runs_they_claim(tmp_path):
     outputs (vLLM) keeps it finite. One poisoned gradient every few steps breaks bf16;
     skipping those steps keeps it training."""
     base = ["experiment=nan_map_base", "logger=none", "lr_x=1"]  # the map's 20 steps
-    broken = run(spec(*base, "precision=fp16", "stress=fp16_overflow", fast=False),
-                 tmp_path / "a")
-    rescued = run(spec(*base, "precision=fp16", "stress=fp16_overflow", "guard=clamp",
-                       fast=False), tmp_path / "b")
+    broken = run(spec(*base, "precision=fp16", "stress=fp16_overflow", fast=False), tmp_path / "a")
+    rescued = run(
+        spec(*base, "precision=fp16", "stress=fp16_overflow", "guard=clamp", fast=False),
+        tmp_path / "b",
+    )
     assert broken.status == "nonfinite" and broken.cause == "half_overflow"
     assert broken.module == "model.language_model.layers.0.mlp.down_proj"
     assert rescued.status == "ok" and rescued.guard_fired > 0
@@ -66,5 +68,7 @@ def test_guards_rescue_the_runs_they_claim(tmp_path):
 def test_unknown_guard_is_one_line_error():
     import pytest
 
-    with pytest.raises(ValueError, match=r"^guard=helmet: allowed none, skip_step, clamp"):
+    with pytest.raises(
+        ValueError, match=r"^guard=helmet: unknown option; allowed: clamp, none, skip_step"
+    ):
         guards.build_guard(GuardSpec("helmet"), None)

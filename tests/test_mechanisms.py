@@ -3,6 +3,7 @@
 Runs on the tiny base (built once, cached under NANLAB_CACHE) with the map's settings
 (experiment=nan_map_base: 20 steps), no logger.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,9 @@ def test_every_mechanism_yaml_is_complete():
     advice_seen = set()
     for name in MECHANISMS:
         m = mechanism(name)
-        for key in ("mechanism", "reference", "cause", "baseline", "predictions"):
+        for key in ("mechanism", "reference", "cause", "baseline", "predictions", "control"):
             assert m.get(key), (name, key)
+        compose_spec(*MAP, *merge_overrides([f"stress={name}", *m["baseline"]], m["control"]))
         declared = m["cause"] if isinstance(m["cause"], list) else [m["cause"]]
         assert set(declared) <= set(CAUSES), (name, m["cause"])
         assert any(p["effect"] == "fixes" for p in m["predictions"]), name
@@ -45,11 +47,18 @@ def test_every_mechanism_yaml_is_complete():
             assert p["effect"] in ("fixes", "delays", "no_effect", "worsens"), (name, p)
             assert p["mitigation"] and p["why"] and p["advice"], (name, p)
             advice_seen.add(p["advice"])
-            compose_spec(*MAP, f"stress={name}",
-                         *merge_overrides(m["baseline"], p["mitigation"]))
+            compose_spec(*MAP, f"stress={name}", *merge_overrides(m["baseline"], p["mitigation"]))
     # the seed's advice that could touch these mechanisms is predicted somewhere
-    assert {"use_fp32", "max_subtracted_softmax", "lower_lr", "warmup", "clip",
-            "normalize_inputs", "progressive", "guard_key_nodes"} <= advice_seen
+    assert {
+        "use_fp32",
+        "max_subtracted_softmax",
+        "lower_lr",
+        "warmup",
+        "clip",
+        "normalize_inputs",
+        "progressive",
+        "guard_key_nodes",
+    } <= advice_seen
 
 
 @pytest.mark.slow
@@ -59,19 +68,50 @@ def test_baseline_fails_with_its_cause_and_a_predicted_fix_fixes_it(name, tmp_pa
     causes = m["cause"] if isinstance(m["cause"], list) else [m["cause"]]
     base = run(compose_spec(*MAP, f"stress={name}", *m["baseline"]), tmp_path / "baseline")
     fix = next(p for p in m["predictions"] if p["effect"] == "fixes")
-    fixed = run(compose_spec(*MAP, f"stress={name}",
-                             *merge_overrides(m["baseline"], fix["mitigation"])),
-                tmp_path / "fixed")
+    fixed = run(
+        compose_spec(*MAP, f"stress={name}", *merge_overrides(m["baseline"], fix["mitigation"])),
+        tmp_path / "fixed",
+    )
     if m.get("judged_on") == "test":  # trains finite; its test pass fails
         assert base.status in ("ok", "stalled"), base.verdict()
         assert base.test_status == "nonfinite" and base.test_cause in causes, base.verdict()
-        assert fixed.status in ("ok", "stalled") and fixed.test_status == "finite", \
-            (fix["mitigation"], fixed.verdict())
+        assert fixed.status in ("ok", "stalled") and fixed.test_status == "finite", (
+            fix["mitigation"],
+            fixed.verdict(),
+        )
         return
     assert base.status in ("nonfinite", "diverged"), base.verdict()
     assert base.cause in causes, base.verdict()
     assert fixed.status == "ok", (fix["mitigation"], fixed.verdict())
     assert fixed.final_loss < fixed.initial_loss * (1 - fixed.train_margin)
+
+
+# logit_growth's control fails as its baseline does (issue 19): the naive softmax at lr_x=1
+# overflows exp() without the stress's q/k scaling, so the map does not count the mechanism
+# until it is redesigned on transformers' own attention path. strict: it fails once fixed.
+CONTROL_FAILS = {"logit_growth"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="issue 19: control fails"))
+        if n in CONTROL_FAILS
+        else n
+        for n in MECHANISMS
+    ],
+)
+def test_the_control_does_not_fail_with_the_declared_cause(name, tmp_path):
+    """The baseline with the trigger removed (`control:`): the failure needs the mechanism."""
+    m = mechanism(name)
+    causes = m["cause"] if isinstance(m["cause"], list) else [m["cause"]]
+    rec = run(
+        compose_spec(*MAP, *merge_overrides([f"stress={name}", *m["baseline"]], m["control"])),
+        tmp_path / "control",
+    )
+    assert rec.status != "error", rec.verdict()
+    assert rec.cause not in causes and rec.test_cause not in causes, rec.verdict()
 
 
 @pytest.mark.slow
@@ -81,9 +121,12 @@ def test_grad_poison_records_how_far_clipping_spreads_it(tmp_path):
     m = mechanism("grad_poison")
     runs = {}
     for clip in ("0", "1.0"):
-        spec = compose_spec(*MAP, "stress=grad_poison",
-                            *merge_overrides(m["baseline"], [f"clip={clip}"]),
-                            "monitor.every=0")
+        spec = compose_spec(
+            *MAP,
+            "stress=grad_poison",
+            *merge_overrides(m["baseline"], [f"clip={clip}"]),
+            "monitor.every=0",
+        )
         runs[clip] = run(spec, tmp_path / clip)
     for rec in runs.values():
         assert rec.cause == "grad_nonfinite" and rec.phase == "backward", rec.verdict()
@@ -98,17 +141,26 @@ def test_grad_poison_records_how_far_clipping_spreads_it(tmp_path):
 def test_skip_streak_reports_the_first_bad_steps_dtype(tmp_path):
     """progressive + skip_step: the streak starts in fp32 (before the switch); its replay
     must run in fp32 too, not in the bf16 of the step where the streak was called."""
-    rec = run(compose_spec(*MAP, "stress=logit_growth", "precision=bf16", "softmax=naive",
-                           "precision=progressive", "precision.switch_step=4",
-                           "guard=skip_step", "monitor.max_skipped_in_row=8"), tmp_path)
+    rec = run(
+        compose_spec(
+            *MAP,
+            "stress=logit_growth",
+            "precision=bf16",
+            "softmax=naive",
+            "precision=progressive",
+            "precision.switch_step=4",
+            "guard=skip_step",
+            "monitor.max_skipped_in_row=8",
+        ),
+        tmp_path,
+    )
     assert rec.status == "nonfinite" and rec.first_bad_step == 0, rec.verdict()
     assert rec.dtype == "float32", rec.verdict()
 
 
 def test_empty_targets_do_not_stop_the_run_and_are_named(tmp_path):
     m = mechanism("empty_targets")
-    rec = run(compose_spec(*MAP, "stress=empty_targets", *m["baseline"], "max_steps=3"),
-              tmp_path)
+    rec = run(compose_spec(*MAP, "stress=empty_targets", *m["baseline"], "max_steps=3"), tmp_path)
     assert rec.status == "nonfinite" and rec.cause == "empty_targets", rec.verdict()
     assert rec.empty_target_steps == 3 and rec.steps_done == 3  # the run went on
     assert "shapes/train/" in rec.cause_detail
@@ -131,12 +183,20 @@ def test_cells_share_identity_across_seeds_only():
 @pytest.mark.slow
 def test_sigterm_records_interrupted_and_a_rerun_redoes_it(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "src.train", *CSV, "max_steps=500",
-                             f"hydra.run.dir={tmp_path}"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "src.train", *CSV, "max_steps=500", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 120
-    while time.time() < deadline and not (Path(tmp_path) / "csv").exists() \
-            and not (Path(tmp_path) / "record.json").exists():
+    while (
+        time.time() < deadline
+        and not (Path(tmp_path) / "csv").exists()
+        and not (Path(tmp_path) / "record.json").exists()
+    ):
         time.sleep(0.5)  # training has started once the logger dir exists
     time.sleep(1)
     proc.send_signal(signal.SIGTERM)

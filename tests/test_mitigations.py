@@ -9,6 +9,7 @@
 - softmax=fp32_qk (transformers PR 33317's approach): q.k in fp32, finite under fp16 autocast
   where eager's fp16 q.k passes 65,504.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,7 +23,7 @@ import torch
 from helpers import spec
 from hydra_plugins.nanlab_sweeper.mechanism_sweeper import merge_overrides
 from nanlab.config.compose import compose_spec
-from nanlab.diagnosis.monitor import AttentionStats
+from nanlab.diagnosis.attention_stats import AttentionStats
 from nanlab.model.qwen_vl import (
     ModelSpec,
     attach_qk_norm_hooks,
@@ -54,42 +55,64 @@ def _max_logits(model, module, batch) -> dict[str, float]:
 
 # --- config: optim.* and model.qk_norm --------------------------------------------------------
 
+
 def test_defaults_are_torch_adamw_and_no_extras():
     s = compose_spec()
-    assert (s.optim.name, s.optim.eps, list(s.optim.betas), s.optim.z_loss) == \
-        ("adamw", 1e-8, [0.9, 0.999], 0.0)
+    assert (s.optim.name, s.optim.eps, list(s.optim.betas), s.optim.z_loss) == (
+        "adamw",
+        1e-8,
+        [0.9, 0.999],
+        0.0,
+    )
     assert s.model.qk_norm is False and s.softmax.name == "sdpa"
-    assert s.config["optim"] == {"name": "adamw", "eps": 1e-8, "betas": [0.9, 0.999],
-                                 "z_loss": 0.0}  # in the hashed config: part of a cell
+    assert s.config["optim"] == {
+        "name": "adamw",
+        "eps": 1e-8,
+        "betas": [0.9, 0.999],
+        "z_loss": 0.0,
+        "impl": "fused",
+    }  # hashed: part of a cell
 
 
-@pytest.mark.parametrize("name,cls", [("adamw", torch.optim.AdamW),
-                                      ("stable_adamw", StableAdamW)])
+@pytest.mark.parametrize("name,cls", [("adamw", torch.optim.AdamW), ("stable_adamw", StableAdamW)])
 def test_eps_and_betas_reach_the_optimizer(name, cls):
-    s = compose_spec(f"optim.name={name}", "optim.eps=1e-6", "optim.betas=[0.9,0.95]",
-                     "weight_decay=0.01", "lr=0.02")
+    s = compose_spec(
+        f"optim.name={name}",
+        "optim.eps=1e-6",
+        "optim.betas=[0.9,0.95]",
+        "weight_decay=0.01",
+        "lr=0.02",
+    )
     module = NanLabModule(torch.nn.Linear(3, 2), s.optim)
     opt = module.configure_optimizers()["optimizer"]
     assert type(opt) is cls
     g = opt.param_groups[0]
-    assert (g["eps"], tuple(g["betas"]), g["weight_decay"], g["lr"]) == \
-        (1e-6, (0.9, 0.95), 0.01, 0.02)
+    assert (g["eps"], tuple(g["betas"]), g["weight_decay"], g["lr"]) == (
+        1e-6,
+        (0.9, 0.95),
+        0.01,
+        0.02,
+    )
 
 
-@pytest.mark.parametrize("override,message", [
-    ("optim.name=sgd", r"^optim.name=sgd: allowed adamw, stable_adamw$"),
-    ("optim.eps=0", r"^optim.eps=0.0: must be a positive number$"),
-    ("optim.betas=[0.9]", r"^optim.betas=\[0.9\]: must be two numbers in \[0, 1\)"),
-    ("optim.betas=[0.9,1.0]", r"^optim.betas=\[0.9, 1.0\]: must be two numbers"),
-    ("optim.z_loss=-1", r"^optim.z_loss=-1.0: must be a number >= 0"),
-    ("+optim.lr=1", r"^optim.lr: unknown key \(a top-level key: lr=...\); allowed: name, eps"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.name=sgd", r"^optim.name=sgd: allowed adamw, stable_adamw$"),
+        ("optim.eps=0", r"^optim.eps=0.0: must be a positive number$"),
+        ("optim.betas=[0.9]", r"^optim.betas=\[0.9\]: must be two numbers in \[0, 1\)"),
+        ("optim.betas=[0.9,1.0]", r"^optim.betas=\[0.9, 1.0\]: must be two numbers"),
+        ("optim.z_loss=-1", r"^optim.z_loss=-1.0: must be a number >= 0"),
+        ("+optim.lr=1", r"^optim.lr: unknown key \(a top-level key: lr=...\); allowed: name, eps"),
+    ],
+)
 def test_bad_optim_values_are_one_line_errors(override, message):
     with pytest.raises(ValueError, match=message):
         compose_spec(override)
 
 
 # --- z-loss ----------------------------------------------------------------------------------
+
 
 def test_z_loss_adds_its_term_over_supervised_positions(batch):
     model = _random_model()
@@ -126,14 +149,17 @@ def test_z_loss_pulls_log_z_towards_zero(batch):
     without it wanders near the base's. The coefficient is 1.0 so that 10 steps show it
     (PaLM's 1e-4 acts over thousands of steps; the map's arm uses 1e-4)."""
     plain, z = _train_log_z(batch, 0.0), _train_log_z(batch, 1.0)
-    print(f"|mean log Z|: without {[round(x, 2) for x in plain]}, "
-          f"with z-loss 1.0 {[round(x, 2) for x in z]}")
+    print(
+        f"|mean log Z|: without {[round(x, 2) for x in plain]}, "
+        f"with z-loss 1.0 {[round(x, 2) for x in z]}"
+    )
     assert plain[0] == pytest.approx(z[0])
     assert z[-1] < 0.6 * plain[-1]
     assert z[-1] < 0.5 * z[0] and all(b < a for a, b in itertools.pairwise(z[1:]))
 
 
 # --- StableAdamW ------------------------------------------------------------------------------
+
 
 def _steps(opt_cls, grads, lr=1e-3, **kw):
     kw.setdefault("weight_decay", 0.0)  # torch's AdamW defaults to 0.01
@@ -153,7 +179,7 @@ def test_stable_adamw_is_adamw_while_gradients_do_not_outgrow_v():
     parameters follow torch's AdamW (weight decay and bias correction included)."""
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(64, generator=gen)
-    grads = [base * 0.8 ** t + 0.01 * torch.randn(64, generator=gen) for t in range(8)]
+    grads = [base * 0.8**t + 0.01 * torch.randn(64, generator=gen) for t in range(8)]
     kw = {"betas": (0.9, 0.95), "eps": 1e-6, "weight_decay": 0.1}
     ref, _, _ = _steps(torch.optim.AdamW, grads, **kw)
     ours, _, opt = _steps(StableAdamW, grads, **kw)
@@ -172,13 +198,15 @@ def test_stable_adamw_caps_steps_when_gradients_outgrow_a_stale_v():
     _, adamw, _ = _steps(torch.optim.AdamW, grads)
     _, stable, opt = _steps(StableAdamW, grads)
     lr = 1e-3
-    print(f"steps after the jump, mean |dparam| in lr: AdamW "
-          f"{[round(c / lr, 2) for c in adamw[300:]]}, StableAdamW "
-          f"{[round(c / lr, 3) for c in stable[300:]]} (last RMS {opt.last_rms[0]:.1f})")
+    print(
+        f"steps after the jump, mean |dparam| in lr: AdamW "
+        f"{[round(c / lr, 2) for c in adamw[300:]]}, StableAdamW "
+        f"{[round(c / lr, 3) for c in stable[300:]]} (last RMS {opt.last_rms[0]:.1f})"
+    )
     assert adamw[:300] == pytest.approx(stable[:300], rel=1e-4)  # the same until the jump
-    assert max(adamw[300:]) > 2.5 * lr   # AdamW: several lr per element
+    assert max(adamw[300:]) > 2.5 * lr  # AdamW: several lr per element
     assert opt.last_rms[0] > 3
-    assert max(stable[300:]) < lr        # capped to below one lr
+    assert max(stable[300:]) < lr  # capped to below one lr
     assert sum(stable[300:]) < sum(adamw[300:]) / 5
 
 
@@ -188,8 +216,15 @@ def test_stable_adamw_does_not_hide_a_nan_gradient():
     assert torch.isnan(p).all()  # the RMS is NaN, so every step of that tensor is
 
 
-def _spike_run(opt_name: str, batch, steps: int = 6, at: int = 2, length: int = 3,
-               factor: float = 100.0, lr: float = 3e-3):
+def _spike_run(
+    opt_name: str,
+    batch,
+    steps: int = 6,
+    at: int = 2,
+    length: int = 3,
+    factor: float = 100.0,
+    lr: float = 3e-3,
+):
     """The tiny base fine-tuned on one batch with the lr multiplied by `factor` for `length`
     steps from `at` (stress=lr_spike): the mean |parameter change| of each step."""
     model = build_model(spec().model, seed=0)
@@ -207,8 +242,10 @@ def _spike_run(opt_name: str, batch, steps: int = 6, at: int = 2, length: int = 
         opt.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
-            changes.append(sum(float((p - b).abs().sum()) for p, b in zip(params, before))
-                           / sum(p.numel() for p in params))
+            changes.append(
+                sum(float((p - b).abs().sum()) for p, b in zip(params, before))
+                / sum(p.numel() for p in params)
+            )
         rms.append(max(getattr(opt, "last_rms", [0.0]) or [0.0]))
     return changes, rms
 
@@ -223,17 +260,19 @@ def test_stable_adamw_caps_the_steps_that_follow_an_lr_spike(batch):
     print("mean |dparam| per step, AdamW:", [f"{c:.2e}" for c in adamw])
     print("mean |dparam| per step, StableAdamW:", [f"{c:.2e}" for c in stable])
     print("largest per-tensor RMS per step:", [f"{r:.2f}" for r in rms])
-    assert stable[2] == pytest.approx(adamw[2], rel=0.05)   # the first spiked step
+    assert stable[2] == pytest.approx(adamw[2], rel=0.05)  # the first spiked step
     assert rms[2] <= 1.0 + 1e-3 and rms[3] > 1.5
-    assert stable[3] < 0.7 * adamw[3]                        # the next one: capped
+    assert stable[3] < 0.7 * adamw[3]  # the next one: capped
 
 
 # --- qk-norm ---------------------------------------------------------------------------------
 
+
 def test_qk_norm_adds_norms_as_children_and_they_are_checkpointed(tmp_path):
     model = _random_model(qk_norm=True)
-    names = [n for n, _ in model.named_parameters() if n.endswith(("q_norm.weight",
-                                                                    "k_norm.weight"))]
+    names = [
+        n for n, _ in model.named_parameters() if n.endswith(("q_norm.weight", "k_norm.weight"))
+    ]
     assert len(names) == 2 * (2 + 2)  # q and k, 2 decoder layers + 2 vision blocks
     with torch.no_grad():  # gains other than 1, so a load that drops them is seen
         for n, p in model.named_parameters():
@@ -277,7 +316,7 @@ def test_qk_norm_follows_q_proj_into_lora():
     model = build_model(ModelSpec(init="random", qk_norm=True, lora=LoraSpec(r=4)), seed=0)
     attn = model.base_model.model.model.language_model.layers[0].self_attn
     assert type(attn.q_proj).__name__ == "Linear" and hasattr(attn.q_proj, "base_layer")
-    assert len(attn.q_proj._forward_hooks) == 1            # on the LoRA layer (base + delta)
+    assert len(attn.q_proj._forward_hooks) == 1  # on the LoRA layer (base + delta)
     assert len(attn.q_proj.base_layer._forward_hooks) == 0
 
 
@@ -289,11 +328,14 @@ def test_qk_norm_bounds_attention_logits_under_logit_growth(batch, qk_norm):
     model = _random_model(qk_norm=qk_norm)
     module = NanLabModule(model, OptimSpec())
     before = _max_logits(model, module, batch)
-    stress.apply_to_model(StressSpec("logit_growth", target_logit=60.0), model, batch,
-                          module.compute_loss)
+    stress.apply_to_model(
+        StressSpec("logit_growth", target_logit=60.0), model, batch, module.compute_loss
+    )
     after = _max_logits(model, module, batch)
-    print(f"qk_norm={qk_norm}: max logit per layer before {max(before.values()):.2f}, "
-          f"after the stress {max(after.values()):.2f} (target 60)")
+    print(
+        f"qk_norm={qk_norm}: max logit per layer before {max(before.values()):.2f}, "
+        f"after the stress {max(after.values()):.2f} (target 60)"
+    )
     if not qk_norm:
         assert all(v == pytest.approx(60.0, rel=0.02) for v in after.values())
         return
@@ -316,8 +358,13 @@ def test_qk_norm_base_is_its_own_cached_base_with_trained_norms():
     assert base_key(plain) != base_key(qk)
     model = build_model(qk, seed=0)
     assert has_qk_norm(base_dir(qk)) and not has_qk_norm(base_dir(plain))
-    gains = torch.cat([p.detach().flatten() for n, p in model.named_parameters()
-                       if n.endswith(("q_norm.weight", "k_norm.weight"))])
+    gains = torch.cat(
+        [
+            p.detach().flatten()
+            for n, p in model.named_parameters()
+            if n.endswith(("q_norm.weight", "k_norm.weight"))
+        ]
+    )
     assert gains.numel() and (gains - 1).abs().max() > 1e-3  # trained, not fresh ones
     print(f"qk-norm base: gains {float(gains.min()):.2f} .. {float(gains.max()):.2f}")
 
@@ -330,16 +377,20 @@ def test_logit_growth_cannot_reach_its_target_on_the_qk_norm_base(batch):
     attention.apply(model, SoftmaxSpec("naive"))
     module = NanLabModule(model, OptimSpec())
     before = _max_logits(model, module, batch)
-    stress.apply_to_model(StressSpec("logit_growth", target_logit=12.0), model, batch,
-                          module.compute_loss)
+    stress.apply_to_model(
+        StressSpec("logit_growth", target_logit=12.0), model, batch, module.compute_loss
+    )
     after = _max_logits(model, module, batch)
-    print("qk-norm base, max logit per layer before / after the stress:",
-          {n.split("model.")[-1]: (round(before[n], 2), round(v, 2)) for n, v in after.items()})
+    print(
+        "qk-norm base, max logit per layer before / after the stress:",
+        {n.split("model.")[-1]: (round(before[n], 2), round(v, 2)) for n, v in after.items()},
+    )
     assert all(v == pytest.approx(before[n], rel=1e-3) for n, v in after.items())
     assert max(after.values()) < 12.0
 
 
 # --- fp32 q.k -----------------------------------------------------------------------------------
+
 
 class FakeAttn(torch.nn.Module):
     num_key_value_groups = 2
@@ -349,10 +400,11 @@ def test_fp32_qk_matches_float64_attention():
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, 7, 16, generator=gen) for h in (4, 2, 2))
     mask = torch.full((7, 7), torch.finfo(torch.float32).min).triu(1)[None, None]
-    out, w = attention.attention_function(SoftmaxSpec("fp32_qk"))(FakeAttn().eval(), q, k, v,
-                                                                   mask, 0.25)
+    out, w = attention.attention_function(SoftmaxSpec("fp32_qk"))(
+        FakeAttn().eval(), q, k, v, mask, 0.25
+    )
     k2, v2 = (t.double().repeat_interleave(2, dim=1) for t in (k, v))
-    ref = (torch.softmax(q.double() @ k2.transpose(2, 3) * 0.25 + mask.double(), -1) @ v2)
+    ref = torch.softmax(q.double() @ k2.transpose(2, 3) * 0.25 + mask.double(), -1) @ v2
     torch.testing.assert_close(out.double(), ref.transpose(1, 2), atol=1e-5, rtol=1e-4)
     assert w.dtype == v.dtype
 
@@ -368,8 +420,7 @@ def test_fp32_qk_vs_eager_on_a_dot_product_past_fp16_max():
     attn.num_key_value_groups = 2
     with torch.autocast("cpu", dtype=torch.float16):
         eager, _ = attention.attention_function(SoftmaxSpec("eager"))(attn, q, k, v, None, 0.25)
-        fp32, w = attention.attention_function(SoftmaxSpec("fp32_qk"))(attn, q, k, v, None,
-                                                                       0.25)
+        fp32, w = attention.attention_function(SoftmaxSpec("fp32_qk"))(attn, q, k, v, None, 0.25)
     assert torch.isnan(eager).any()
     assert torch.isfinite(fp32).all() and (w[..., 2] == 1).all()
 
@@ -382,8 +433,9 @@ def test_fp32_qk_keeps_fp16_finite_where_eager_overflows(batch):
     model = build_model(spec().model, seed=0)
     attention.apply(model, SoftmaxSpec("eager"))
     module = NanLabModule(model, OptimSpec())
-    stress.apply_to_model(StressSpec("logit_growth", target_logit=3e4), model, batch,
-                          module.compute_loss)
+    stress.apply_to_model(
+        StressSpec("logit_growth", target_logit=3e4), model, batch, module.compute_loss
+    )
     top = max(_max_logits(model, module, batch).values())
     assert top > FP16_MAX / 4  # some q.k is past fp16's max
     results = {}
@@ -391,14 +443,20 @@ def test_fp32_qk_keeps_fp16_finite_where_eager_overflows(batch):
         m = copy.deepcopy(model)
         attention.apply(m, SoftmaxSpec(softmax))
         stats = AttentionStats(m)
-        with stats.active(), torch.no_grad(), Fp32AccumulatedHalfGemm(), \
-                torch.autocast("cpu", dtype=torch.float16):
+        with (
+            stats.active(),
+            torch.no_grad(),
+            Fp32AccumulatedHalfGemm(),
+            torch.autocast("cpu", dtype=torch.float16),
+        ):
             loss = NanLabModule(m, OptimSpec()).compute_loss(batch)
         bad = sum(s["nonfinite"] for s in stats.summary().values())
         results[softmax] = (float(loss), bad)
-    print(f"largest logit {top:.3g}; fp16 autocast: eager loss {results['eager'][0]}, "
-          f"{results['eager'][1]} non-finite attention weights; fp32_qk loss "
-          f"{results['fp32_qk'][0]:.3f}, {results['fp32_qk'][1]} non-finite")
+    print(
+        f"largest logit {top:.3g}; fp16 autocast: eager loss {results['eager'][0]}, "
+        f"{results['eager'][1]} non-finite attention weights; fp32_qk loss "
+        f"{results['fp32_qk'][0]:.3f}, {results['fp32_qk'][1]} non-finite"
+    )
     assert not math.isfinite(results["eager"][0]) and results["eager"][1] > 0
     assert math.isfinite(results["fp32_qk"][0]) and results["fp32_qk"][1] == 0
 
@@ -413,10 +471,12 @@ def test_new_prediction_arms_compose():
     for path in sorted((ROOT / "conf" / "stress").glob("*.yaml")):
         m = yaml.safe_load(path.read_text())
         for p in m.get("predictions") or []:
-            if p["advice"] in ("z_loss", "qk_norm", "update_clipping", "adam_eps_beta2",
-                               "fp32_qk"):
-                s = compose_spec("experiment=nan_map_base", f"stress={path.stem}",
-                                 *merge_overrides(m["baseline"], p["mitigation"]))
+            if p["advice"] in ("z_loss", "qk_norm", "update_clipping", "adam_eps_beta2", "fp32_qk"):
+                s = compose_spec(
+                    "experiment=nan_map_base",
+                    f"stress={path.stem}",
+                    *merge_overrides(m["baseline"], p["mitigation"]),
+                )
                 seen.add(p["advice"])
                 if p["advice"] == "adam_eps_beta2":
                     assert (s.optim.eps, list(s.optim.betas)) == (1e-6, [0.9, 0.95])

@@ -1,4 +1,5 @@
 """The tiny Qwen2.5-VL: real architecture with both towers; freezing, LoRA, local loading."""
+
 import pytest
 
 from nanlab.model.qwen_vl import ModelSpec, build_model, is_vision_param, tiny_config

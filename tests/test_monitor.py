@@ -1,5 +1,5 @@
 """The instrument: a forced NaN is caught, located, recorded, replayed, and reproducible."""
-import json
+
 import math
 from types import SimpleNamespace
 
@@ -13,8 +13,14 @@ from nanlab.numerics.guards import SkipNonFiniteStep
 from nanlab.record import read_record
 
 # random init (model.init=random): the monitor's machinery on a known case
-NAN_RUN = ["model.init=random", "softmax=naive", "lr=0.3", "precision=fp32", "max_steps=12",
-           "monitor.every=4"]
+NAN_RUN = [
+    "model.init=random",
+    "softmax=naive",
+    "lr=0.3",
+    "precision=fp32",
+    "max_steps=12",
+    "monitor.every=4",
+]
 
 
 def test_divergence_needs_patience_and_counts_spikes():
@@ -46,8 +52,13 @@ def _optimizer_step_hooks(callbacks) -> NanMonitor:
     layer.weight.grad[0, 0] = float("nan")
     monitor = next(c for c in callbacks if isinstance(c, NanMonitor))
     monitor.begin_step(({}, None, None))  # (batch, RNG state, precision flag)
-    trainer = SimpleNamespace(global_step=0, max_steps=100, should_stop=False, loggers=[],
-                              precision_plugin=SimpleNamespace())
+    trainer = SimpleNamespace(
+        global_step=0,
+        max_steps=100,
+        should_stop=False,
+        loggers=[],
+        precision_plugin=SimpleNamespace(),
+    )
     module = SimpleNamespace(log=lambda *args, **kwargs: None)
     for callback in callbacks:
         callback.on_before_optimizer_step(trainer, module, optimizer)
@@ -95,8 +106,16 @@ def test_forced_nan_run_exits_0_with_verdict_record_and_same_replay(tmp_path):
     # the same config and seed give the same record
     again = cli(*FAST, *NAN_RUN, f"hydra.run.dir={tmp_path / 'b'}")
     rec2 = read_record(tmp_path / "b" / "record.json")
-    for field in ("status", "first_bad_step", "phase", "module", "dtype", "final_loss",
-                  "max_grad_norm", "config_hash"):
+    for field in (
+        "status",
+        "first_bad_step",
+        "phase",
+        "module",
+        "dtype",
+        "final_loss",
+        "max_grad_norm",
+        "config_hash",
+    ):
         assert getattr(rec, field) == getattr(rec2, field), field
     assert again.returncode == 0
 
@@ -104,7 +123,7 @@ def test_forced_nan_run_exits_0_with_verdict_record_and_same_replay(tmp_path):
     replay = cli(str(tmp_path / "a"), "--out", str(tmp_path / "replay"), module="src.replay")
     assert replay.returncode == 0, replay.stdout + replay.stderr[-2000:]
     assert "replay agrees" in replay.stdout
-    assert json.loads((tmp_path / "replay" / "record.json").read_text())["module"] == rec.module
+    assert read_record(tmp_path / "replay" / "record.json").module == rec.module
 
 
 def test_auto_defers_on_cuda_only_where_the_snapshot_fits(monkeypatch, capsys):
@@ -123,8 +142,9 @@ def test_auto_defers_on_cuda_only_where_the_snapshot_fits(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16_true"])
-def test_clipping_with_the_monitors_norm_is_bitwise_the_usual_clip(precision, tmp_path,
-                                                                     monkeypatch):
+def test_clipping_with_the_monitors_norm_is_bitwise_the_usual_clip(
+    precision, tmp_path, monkeypatch
+):
     """The monitor hands its gradient norm to clipping (one pass over the gradients, not
     two) only where it is what clip_grad_norm_ computes: the same losses, norms and weights
     as Lightning's own clipping (bf16_true: bf16 gradients, the usual path)."""
@@ -134,8 +154,13 @@ def test_clipping_with_the_monitors_norm_is_bitwise_the_usual_clip(precision, tm
     from nanlab.run.module import NanLabModule
     from nanlab.run.runner import run
 
-    overrides = (f"precision={precision}", "clip=0.05", "max_steps=4", "serve.enabled=false",
-                 "lr_x=1")
+    overrides = (
+        f"precision={precision}",
+        "clip=0.05",
+        "max_steps=4",
+        "serve.enabled=false",
+        "lr_x=1",
+    )
     seen = []
     usual = NanLabModule.configure_gradient_clipping
 
@@ -145,8 +170,9 @@ def test_clipping_with_the_monitors_norm_is_bitwise_the_usual_clip(precision, tm
 
     monkeypatch.setattr(NanLabModule, "configure_gradient_clipping", spy)
     reused = run(spec(*overrides), tmp_path / "reused")
-    monkeypatch.setattr(NanLabModule, "configure_gradient_clipping",
-                        L.LightningModule.configure_gradient_clipping)
+    monkeypatch.setattr(
+        NanLabModule, "configure_gradient_clipping", L.LightningModule.configure_gradient_clipping
+    )
     plain = run(spec(*overrides), tmp_path / "plain")
     assert reused.status == plain.status and reused.steps_done == plain.steps_done == 4
     history = [(tmp_path / d / "history.csv").read_text() for d in ("reused", "plain")]

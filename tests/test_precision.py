@@ -1,4 +1,5 @@
 """Precision plugins: fp16 really is fp16 on CPU, the half GEMM mode, progressive switching."""
+
 import lightning as L
 import pytest
 import torch
@@ -15,9 +16,16 @@ def test_lightning_alone_would_swap_fp16_for_bf16_on_cpu():
     assert trainer.precision_plugin.precision == "bf16-mixed"
 
 
-@pytest.mark.parametrize("name,dtype", [("fp32", "float32"), ("bf16", "bfloat16"),
-                                        ("bf16_true", "bfloat16"), ("fp16", "float16"),
-                                        ("progressive", "bfloat16")])
+@pytest.mark.parametrize(
+    "name,dtype",
+    [
+        ("fp32", "float32"),
+        ("bf16", "bfloat16"),
+        ("bf16_true", "bfloat16"),
+        ("fp16", "float16"),
+        ("progressive", "bfloat16"),
+    ],
+)
 def test_attention_runs_in_the_configured_dtype(name, dtype, tmp_path):
     """A real Trainer run: the dtype the attention probabilities were computed in."""
     s = spec(f"precision={name}", "softmax=stable", "precision.switch_step=1")
@@ -60,7 +68,7 @@ def test_fp32_accumulate_gemm_matches_native_and_keeps_dtype(dtype):
     for out in (emulated, batched[0], fused):
         assert out.dtype == dtype
         # both accumulate in fp32 and round once: at most one rounding step apart
-        torch.testing.assert_close(out.float(), native.float(), atol=0.05, rtol=2 ** -7)
+        torch.testing.assert_close(out.float(), native.float(), atol=0.05, rtol=2**-7)
 
 
 def test_fp32_accumulate_gemm_still_overflows_fp16():
@@ -81,7 +89,9 @@ def test_half_gemm_mode_choice():
 
 
 def test_unknown_precision_is_one_line_error():
-    with pytest.raises(ValueError, match=r"^precision=fp8: allowed fp32, bf16, bf16_true"):
+    with pytest.raises(
+        ValueError, match=r"^precision=fp8: unknown option; allowed: bf16, bf16_true, fp16, fp32"
+    ):
         precision.build_plugin(PrecisionSpec("fp8"), "cpu")
 
 
@@ -101,7 +111,12 @@ def test_the_monitor_snapshots_the_precision_each_step_runs_in(tmp_path):
             self.pairs.append((monitor._snapshot[2], trainer.precision_plugin.active))
 
     spy = Spy()
-    rec = run(spec("precision=progressive", "precision.switch_step=1", "max_steps=3",
-                   "serve.enabled=false"), tmp_path, extra_callbacks=[spy])
+    rec = run(
+        spec(
+            "precision=progressive", "precision.switch_step=1", "max_steps=3", "serve.enabled=false"
+        ),
+        tmp_path,
+        extra_callbacks=[spy],
+    )
     assert rec.steps_done == 3
     assert spy.pairs == [(False, False), (True, True), (True, True)], spy.pairs

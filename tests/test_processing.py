@@ -1,4 +1,5 @@
 """The offline tokenizer and processor behave like Qwen2.5-VL's."""
+
 from PIL import Image
 
 from nanlab.model.processing import SPECIAL_TOKENS, ProcessorSpec, load_processor
@@ -27,7 +28,8 @@ def test_special_token_ids(processor):
     assert tok.convert_tokens_to_ids(SPECIAL_TOKENS) == list(range(151643, 151665))
     # each is one token when it appears in text, not split by BPE
     assert tok.encode("".join(SPECIAL_TOKENS), add_special_tokens=False) == list(
-        range(151643, 151665))
+        range(151643, 151665)
+    )
 
 
 def test_chat_template_renders_as_qwen(processor):
@@ -36,8 +38,7 @@ def test_chat_template_renders_as_qwen(processor):
     rendered = processor.apply_chat_template(with_system + MESSAGES, tokenize=False)
     assert rendered.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
     assert "You are a helpful assistant." not in rendered
-    prompt = processor.apply_chat_template(MESSAGES[:1], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = processor.apply_chat_template(MESSAGES[:1], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("What is it?<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -55,7 +56,8 @@ def test_normalize_switch(processor):  # the fixture normalizes (ProcessorSpec's
     dark = Image.new("RGB", (56, 56), (5, 5, 5))
     text = ["<|vision_start|><|image_pad|><|vision_end|>"] * 2
     raw = load_processor(ProcessorSpec(normalize=False))(
-        text=text, images=[bright, dark], return_tensors="pt")["pixel_values"]
+        text=text, images=[bright, dark], return_tensors="pt"
+    )["pixel_values"]
     norm = processor(text=text, images=[bright, dark], return_tensors="pt")["pixel_values"]
     raw = raw.float()  # the image processor hands back uint8 here; the collator casts it
     assert raw.max() > 1.5 and raw.max() <= 255 and raw.min() >= 0  # raw 0-255 pixels

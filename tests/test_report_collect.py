@@ -1,5 +1,6 @@
 """src.report's plumbing: records -> results table (duplicates, round trips), override
 matching, cells, the frontier."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,21 @@ from nanlab.report import match
 
 # --------------------------------------------------------------------------- collect
 
+
 def _rec(tmp_path, sub, status, mtime, **kw):
-    p = write_record(Record(precision="bf16", softmax="naive", lr=1e-3, seed=0, status=status,
-                            config_hash="same", cell="c", **kw), tmp_path / sub)
+    p = write_record(
+        Record(
+            precision="bf16",
+            softmax="naive",
+            lr=1e-3,
+            seed=0,
+            status=status,
+            config_hash="same",
+            cell="c",
+            **kw,
+        ),
+        tmp_path / sub,
+    )
     os.utime(p, (mtime, mtime))
     return p
 
@@ -29,12 +42,12 @@ def test_duplicates_keep_the_newest_non_interrupted(tmp_path):
     newest = _rec(tmp_path, "c", "interrupted", 3_000, signal="SIGTERM")
     df = report.collect(tmp_path)
     assert len(df) == 1 and df.attrs["duplicates_dropped"] == 2
-    assert df.iloc[0]["status"] == "ok"           # the interrupted one is newer, not evidence
+    assert df.iloc[0]["status"] == "ok"  # the interrupted one is newer, not evidence
     os.utime(tmp_path / "a" / "record.json", (4_000, 4_000))
     assert report.collect(tmp_path).iloc[0]["status"] == "nonfinite"
     for sub in ("a", "b"):
         (tmp_path / sub / "record.json").unlink()
-    df = report.collect(tmp_path)                 # only an interrupted record: kept, shown
+    df = report.collect(tmp_path)  # only an interrupted record: kept, shown
     assert list(df["status"]) == ["interrupted"] and df.iloc[0]["record_path"] == str(newest)
 
 
@@ -52,8 +65,15 @@ def test_results_round_trip_csv_and_parquet(tmp_path):
     for name in ("results.parquet", "results.csv"):
         back = report.load_results(tmp_path / "out" / name)
         assert len(back) == 3
-        assert {"config", "overrides", "cell", "config_hash", "cause",
-                "nonfinite_param_frac", "first_bad_step"} <= set(back.columns)
+        assert {
+            "config",
+            "overrides",
+            "cell",
+            "config_hash",
+            "cause",
+            "nonfinite_param_frac",
+            "first_bad_step",
+        } <= set(back.columns)
         cfg = report.run_config(back.iloc[0])
         assert cfg["data"]["max_length"] is None and cfg["precision"]["name"] == "fp32"
         assert json.loads(back.iloc[0]["overrides"])[0].startswith("seed=")
@@ -66,8 +86,16 @@ def test_results_round_trip_csv_and_parquet(tmp_path):
 
 
 def test_old_space_joined_overrides_are_read(tmp_path):
-    df = pd.DataFrame([{"precision": "bf16", "status": "ok", "seed": 0,
-                        "overrides": "precision=bf16 lr=0.1 seed=0"}])
+    df = pd.DataFrame(
+        [
+            {
+                "precision": "bf16",
+                "status": "ok",
+                "seed": 0,
+                "overrides": "precision=bf16 lr=0.1 seed=0",
+            }
+        ]
+    )
     out = report.normalize_results(df)
     assert json.loads(out.iloc[0]["overrides"]) == ["precision=bf16", "lr=0.1", "seed=0"]
     assert out.iloc[0]["config"] == "{}"
@@ -76,22 +104,36 @@ def test_old_space_joined_overrides_are_read(tmp_path):
 def test_cells_without_cell_field_fall_back_to_config(tmp_path):
     cfg = config_for(None, [])
     for seed in (0, 1):
-        write_record(Record(status="ok", seed=seed, config={**cfg, "seed": seed},
-                            config_hash=f"h{seed}"), tmp_path / str(seed))
+        write_record(
+            Record(status="ok", seed=seed, config={**cfg, "seed": seed}, config_hash=f"h{seed}"),
+            tmp_path / str(seed),
+        )
     [c] = report.build_cells(report.collect(tmp_path))
     assert c.n_seeds == 2 and c.key.startswith("cfg:")
 
 
 # --------------------------------------------------------------------------- matching
 
-@pytest.mark.parametrize("override, expected", [
-    ("precision=bf16", True), ("precision=fp32", False),           # a group: its name
-    ("lr_x=1", True), ("lr_x=1.0", True), ("lr_x=10", False),      # numbers numerically
-    ("data.padding_side=right", True), ("data.padding_side=left", False),
-    ("data.max_length=null", True), ("data.max_length=40", False),  # null is None
-    ("data.normalize=true", True), ("data.normalize=1", False),     # a bool is a bool
-    ("clip=1", True), ("+clip=1.0", True), ("nope.key=1", False),
-])
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("precision=bf16", True),
+        ("precision=fp32", False),  # a group: its name
+        ("lr_x=1", True),
+        ("lr_x=1.0", True),
+        ("lr_x=10", False),  # numbers numerically
+        ("data.padding_side=right", True),
+        ("data.padding_side=left", False),
+        ("data.max_length=null", True),
+        ("data.max_length=40", False),  # null is None
+        ("data.normalize=true", True),
+        ("data.normalize=1", False),  # a bool is a bool
+        ("clip=1", True),
+        ("+clip=1.0", True),
+        ("nope.key=1", False),
+    ],
+)
 def test_override_matching(override, expected):
     assert report.matches(BASE, override) is expected
 
@@ -100,25 +142,32 @@ def test_equal_except_touches_group_subtrees_and_leaves():
     a = config_for(None, ["precision=bf16"])
     b = config_for(None, ["precision=progressive", "precision.switch_step=2"])
     assert report.equal_except(a, b, ["precision"])
-    assert not report.equal_except(a, b, ["precision.switch_step"])   # the name differs too
+    assert not report.equal_except(a, b, ["precision.switch_step"])  # the name differs too
     c = config_for(None, ["data.padding_side=left"])
     assert report.equal_except(BASE, c, ["data.padding_side"])
     assert not report.equal_except(BASE, c, ["data.normalize"])
-    assert report.equal_except(BASE, {**BASE, "seed": 7}, [])           # never the seed
+    assert report.equal_except(BASE, {**BASE, "seed": 7}, [])  # never the seed
 
 
 def test_updated_overrides():
-    assert match.updated(["precision=bf16", "lr_x=10"], ["lr_x=1", "clip=0.1"]) == \
-        ["precision=bf16", "lr_x=1", "clip=0.1"]
+    assert match.updated(["precision=bf16", "lr_x=10"], ["lr_x=1", "clip=0.1"]) == [
+        "precision=bf16",
+        "lr_x=1",
+        "clip=0.1",
+    ]
 
 
 # --------------------------------------------------------------------------- frontier
 
+
 def test_frontier_lines_from_core_cells(tmp_path):
     grid = {  # (precision, lr_x) -> outcomes of 3 seeds
-        ("bf16", 1): ok(3), ("bf16", 3): ok(3), ("bf16", 10): failing(1, 4, "x") + ok(2),
+        ("bf16", 1): ok(3),
+        ("bf16", 3): ok(3),
+        ("bf16", 10): failing(1, 4, "x") + ok(2),
         ("bf16", 30): failing(3, 2, "x"),
-        ("fp32", 1): stalled(1) + ok(2), ("fp32", 3): failing(1, 9, "x") + ok(2),
+        ("fp32", 1): stalled(1) + ok(2),
+        ("fp32", 3): failing(1, 9, "x") + ok(2),
         ("fp32", 10): ok(3),
     }
     for (p, x), outs in grid.items():
@@ -133,11 +182,16 @@ def test_frontier_lines_from_core_cells(tmp_path):
     # fp32: every seed ok only at 10; a seed failed at 3 -> not monotone
     assert (got["fp32"].max_ok, got["fp32"].min_failed, got["fp32"].monotone) == (10, 3, False)
     fr = report.frontier_frame(ls)
-    assert list(fr["precision"]) == ["fp32", "bf16"]           # fp32 first, as in the map
+    assert list(fr["precision"]) == ["fp32", "bf16"]  # fp32 first, as in the map
     assert list(fr["seeds"])[1] == "3/3 3/3 2/3 0/3"
 
 
 def test_fmt_lr():
-    assert [report.fmt_lr(x) for x in (1e-4, 2.5e-5, 0.3, 10, None)] == \
-        ["1e-4", "2.5e-5", "0.3", "10", ""]
+    assert [report.fmt_lr(x) for x in (1e-4, 2.5e-5, 0.3, 10, None)] == [
+        "1e-4",
+        "2.5e-5",
+        "0.3",
+        "10",
+        "",
+    ]
     assert report.fmt_lr(math.nan) == ""

@@ -4,6 +4,7 @@ write_record), read back by src.report as a cluster's results would be.
 Expected values come from the construction (the outcomes each cell's seeds were given), not
 from the engine.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,17 +47,23 @@ def line(a: report.Analysis, advice_id: str) -> str:
 
 # --------------------------------------------------------------------------- agreement
 
+
 def test_refutes_only_for_predicted_fixes(tmp_path):
     """Every (predicted, measured) combination the construction produces, once."""
-    spec = mech("toy", CAUSE, BASELINE, [
-        pred("max_subtracted_softmax", ["softmax=stable"], "fixes"),        # fixes: agrees
-        pred("use_fp32", ["precision=fp32"], "fixes"),                     # no_effect
-        pred("warmup", ["warmup_steps=10"], "fixes"),                      # worsens (sooner)
-        pred("guard_key_nodes", ["guard=skip_step"], "fixes"),             # stalls
-        pred("lower_lr", ["lr_x=1"], "fixes"),                             # mixed
-        pred("clip", ["clip=0.1"], "delays"),                              # no_effect
-        pred("safe_softmax", ["softmax=safe"], "no_effect"),               # fixes
-    ])
+    spec = mech(
+        "toy",
+        CAUSE,
+        BASELINE,
+        [
+            pred("max_subtracted_softmax", ["softmax=stable"], "fixes"),  # fixes: agrees
+            pred("use_fp32", ["precision=fp32"], "fixes"),  # no_effect
+            pred("warmup", ["warmup_steps=10"], "fixes"),  # worsens (sooner)
+            pred("guard_key_nodes", ["guard=skip_step"], "fixes"),  # stalls
+            pred("lower_lr", ["lr_x=1"], "fixes"),  # mixed
+            pred("clip", ["clip=0.1"], "delays"),  # no_effect
+            pred("safe_softmax", ["softmax=safe"], "no_effect"),  # fixes
+        ],
+    )
     seeds(tmp_path, cfg(spec), failing(3, 10, CAUSE))
     seeds(tmp_path, cfg(spec, "softmax=stable"), ok(3))
     seeds(tmp_path, cfg(spec, "precision=fp32"), failing(3, 10, CAUSE))
@@ -81,18 +88,28 @@ def test_refutes_only_for_predicted_fixes(tmp_path):
 
 def test_advice_out_of_scope_is_never_refuted(tmp_path):
     """`clip` predicted no_effect on two mechanisms; whatever it does there, no "refutes"."""
-    for name, clip_outcome in (("toy_a", failing(3, 10, CAUSE)),     # no effect: agrees
-                               ("toy_b", failing(3, 3, CAUSE, 0.9))):  # worsens: disagrees
-        spec = mech(name, CAUSE, BASELINE, [
-            pred("max_subtracted_softmax", ["softmax=stable"], "fixes"),
-            pred("clip", ["clip=0.1"], "no_effect")])
+    for name, clip_outcome in (
+        ("toy_a", failing(3, 10, CAUSE)),  # no effect: agrees
+        ("toy_b", failing(3, 3, CAUSE, 0.9)),
+    ):  # worsens: disagrees
+        spec = mech(
+            name,
+            CAUSE,
+            BASELINE,
+            [
+                pred("max_subtracted_softmax", ["softmax=stable"], "fixes"),
+                pred("clip", ["clip=0.1"], "no_effect"),
+            ],
+        )
         seeds(tmp_path, cfg(spec), failing(3, 10, CAUSE, 0.1))
         seeds(tmp_path, cfg(spec, "softmax=stable"), ok(3))
         seeds(tmp_path, cfg(spec, "clip=0.1"), clip_outcome)
     a = analyze(tmp_path)
     clips = [pair(the(a, n), "clip=0.1") for n in ("toy_a", "toy_b")]
-    assert [(p.measured, p.agreement) for p in clips] == [("no_effect", "agrees"),
-                                                          ("worsens", "disagrees")]
+    assert [(p.measured, p.agreement) for p in clips] == [
+        ("no_effect", "agrees"),
+        ("worsens", "disagrees"),
+    ]
     text = line(a, "clip")
     assert "refute" not in text
     assert "out of scope for toy_a" in text and "disagrees on toy_b" in text
@@ -102,13 +119,27 @@ def test_advice_out_of_scope_is_never_refuted(tmp_path):
 def test_equal_bad_pairs_are_treated_alike_for_every_advice(tmp_path):
     """Five advice ids whose mitigation cells fail exactly like the baseline: the same
     measured effect for all; the agreement follows the prediction only."""
-    arms = {"use_fp32": "precision=fp32", "lower_lr": "lr_x=1", "clip": "clip=0.1",
-            "warmup": "warmup_steps=10", "guard_key_nodes": "guard=skip_step"}
-    predicted = {"use_fp32": "no_effect", "lower_lr": "fixes", "clip": "delays",
-                 "warmup": "no_effect", "guard_key_nodes": "fixes"}
-    spec = mech("toy", CAUSE, BASELINE,
-                [pred("max_subtracted_softmax", ["softmax=stable"], "fixes")]
-                + [pred(a, [o], predicted[a]) for a, o in arms.items()])
+    arms = {
+        "use_fp32": "precision=fp32",
+        "lower_lr": "lr_x=1",
+        "clip": "clip=0.1",
+        "warmup": "warmup_steps=10",
+        "guard_key_nodes": "guard=skip_step",
+    }
+    predicted = {
+        "use_fp32": "no_effect",
+        "lower_lr": "fixes",
+        "clip": "delays",
+        "warmup": "no_effect",
+        "guard_key_nodes": "fixes",
+    }
+    spec = mech(
+        "toy",
+        CAUSE,
+        BASELINE,
+        [pred("max_subtracted_softmax", ["softmax=stable"], "fixes")]
+        + [pred(a, [o], predicted[a]) for a, o in arms.items()],
+    )
     seeds(tmp_path, cfg(spec), failing(3, 10, CAUSE, 0.2))
     seeds(tmp_path, cfg(spec, "softmax=stable"), ok(3))
     for o in arms.values():
@@ -123,17 +154,35 @@ def test_equal_bad_pairs_are_treated_alike_for_every_advice(tmp_path):
 
 # --------------------------------------------------------------------------- gates
 
+
 def test_progressive_switch_after_the_failure_is_excluded(tmp_path):
-    spec = mech("toy", CAUSE, BASELINE, [
-        pred("max_subtracted_softmax", ["softmax=stable"], "fixes"),
-        pred("progressive", ["precision=progressive", "precision.switch_step=2"], "no_effect",
-             acts_at="precision.switch_step"),
-        pred("progressive", ["precision=progressive", "precision.switch_step=20"],
-             "no_effect", acts_at="precision.switch_step")])
+    spec = mech(
+        "toy",
+        CAUSE,
+        BASELINE,
+        [
+            pred("max_subtracted_softmax", ["softmax=stable"], "fixes"),
+            pred(
+                "progressive",
+                ["precision=progressive", "precision.switch_step=2"],
+                "no_effect",
+                acts_at="precision.switch_step",
+            ),
+            pred(
+                "progressive",
+                ["precision=progressive", "precision.switch_step=20"],
+                "no_effect",
+                acts_at="precision.switch_step",
+            ),
+        ],
+    )
     seeds(tmp_path, cfg(spec), failing(3, 8, CAUSE))
     seeds(tmp_path, cfg(spec, "softmax=stable"), ok(3))
-    seeds(tmp_path, cfg(spec, "precision=progressive", "precision.switch_step=2"),
-          failing(3, 8, CAUSE))
+    seeds(
+        tmp_path,
+        cfg(spec, "precision=progressive", "precision.switch_step=2"),
+        failing(3, 8, CAUSE),
+    )
     seeds(tmp_path, cfg(spec, "precision=progressive", "precision.switch_step=20"), ok(3))
     a = analyze(tmp_path)
     m = the(a, "toy")
@@ -143,17 +192,29 @@ def test_progressive_switch_after_the_failure_is_excluded(tmp_path):
     assert not late.counts and late.measured is None and late.agreement is None
     assert late.status == "excluded: acted at step 20, after the baseline failed at step 8"
     text = line(a, "progressive")
-    assert text == ("out of scope for toy (precision=progressive precision.switch_step=2: "
-                    "0/3 seeds ok, first bad step 8 -> 8); not counted: toy "
-                    "[precision=progressive precision.switch_step=20] (excluded: acted at "
-                    "step 20, after the baseline failed at step 8)")
+    assert text == (
+        "out of scope for toy (precision=progressive precision.switch_step=2: "
+        "0/3 seeds ok, first bad step 8 -> 8); not counted: toy "
+        "[precision=progressive precision.switch_step=20] (excluded: acted at "
+        "step 20, after the baseline failed at step 8)"
+    )
 
 
 def test_switch_at_the_failure_step_is_excluded_too(tmp_path):
-    spec = mech("toy", CAUSE, BASELINE, [
-        pred("max_subtracted_softmax", ["softmax=stable"], "fixes"),
-        pred("progressive", ["precision=progressive", "precision.switch_step=8"], "fixes",
-             acts_at="precision.switch_step")])
+    spec = mech(
+        "toy",
+        CAUSE,
+        BASELINE,
+        [
+            pred("max_subtracted_softmax", ["softmax=stable"], "fixes"),
+            pred(
+                "progressive",
+                ["precision=progressive", "precision.switch_step=8"],
+                "fixes",
+                acts_at="precision.switch_step",
+            ),
+        ],
+    )
     seeds(tmp_path, cfg(spec), failing(3, 8, CAUSE))
     seeds(tmp_path, cfg(spec, "softmax=stable"), ok(3))
     seeds(tmp_path, cfg(spec, "precision=progressive", "precision.switch_step=8"), ok(3))
@@ -161,14 +222,22 @@ def test_switch_at_the_failure_step_is_excluded_too(tmp_path):
     assert p.status.startswith("excluded: acted at step 8") and not p.counts
 
 
-@pytest.mark.parametrize("k_with_cause, counts", [(3, True), (2, True), (1, False),
-                                                   (0, False)])
+@pytest.mark.parametrize("k_with_cause, counts", [(3, True), (2, True), (1, False), (0, False)])
 def test_baseline_must_fail_with_the_declared_cause(tmp_path, k_with_cause, counts):
-    spec = mech("toy", CAUSE, BASELINE, [
-        pred("max_subtracted_softmax", ["softmax=stable"], "fixes"),
-        pred("use_fp32", ["precision=fp32"], "no_effect")])
-    seeds(tmp_path, cfg(spec), failing(k_with_cause, 10, CAUSE)
-          + failing(3 - k_with_cause, 10, "masked_row"))
+    spec = mech(
+        "toy",
+        CAUSE,
+        BASELINE,
+        [
+            pred("max_subtracted_softmax", ["softmax=stable"], "fixes"),
+            pred("use_fp32", ["precision=fp32"], "no_effect"),
+        ],
+    )
+    seeds(
+        tmp_path,
+        cfg(spec),
+        failing(k_with_cause, 10, CAUSE) + failing(3 - k_with_cause, 10, "masked_row"),
+    )
     seeds(tmp_path, cfg(spec, "softmax=stable"), ok(3))
     seeds(tmp_path, cfg(spec, "precision=fp32"), failing(3, 10, CAUSE))
     a = analyze(tmp_path)
@@ -196,17 +265,23 @@ def test_baseline_that_stays_finite_does_not_count(tmp_path):
 
 
 def test_failed_positive_control_marks_the_mechanism(tmp_path):
-    spec = mech("toy", CAUSE, BASELINE, [
-        pred("max_subtracted_softmax", ["softmax=stable"], "fixes"),
-        pred("use_fp32", ["precision=fp32"], "no_effect")])
+    spec = mech(
+        "toy",
+        CAUSE,
+        BASELINE,
+        [
+            pred("max_subtracted_softmax", ["softmax=stable"], "fixes"),
+            pred("use_fp32", ["precision=fp32"], "no_effect"),
+        ],
+    )
     seeds(tmp_path, cfg(spec), failing(3, 10, CAUSE))
-    seeds(tmp_path, cfg(spec, "softmax=stable"), failing(3, 10, CAUSE))   # the control fails
+    seeds(tmp_path, cfg(spec, "softmax=stable"), failing(3, 10, CAUSE))  # the control fails
     seeds(tmp_path, cfg(spec, "precision=fp32"), failing(3, 10, CAUSE))
     a = analyze(tmp_path)
     m = the(a, "toy")
     assert not m.control and not m.counts and m.status == "positive control failed"
     fp32 = pair(m, "precision=fp32")
-    assert (fp32.measured, fp32.agreement) == ("no_effect", "agrees")   # shown ...
+    assert (fp32.measured, fp32.agreement) == ("no_effect", "agrees")  # shown ...
     assert not fp32.counts and fp32.status == "positive control failed"  # ... not counted
     assert line(a, "use_fp32") == "not counted: toy (positive control failed)"
     md = report.markdown.mechanism_section(m)
@@ -214,9 +289,15 @@ def test_failed_positive_control_marks_the_mechanism(tmp_path):
 
 
 def test_too_few_seeds(tmp_path):
-    spec = mech("toy", CAUSE, BASELINE, [
-        pred("max_subtracted_softmax", ["softmax=stable"], "fixes"),
-        pred("use_fp32", ["precision=fp32"], "no_effect")])
+    spec = mech(
+        "toy",
+        CAUSE,
+        BASELINE,
+        [
+            pred("max_subtracted_softmax", ["softmax=stable"], "fixes"),
+            pred("use_fp32", ["precision=fp32"], "no_effect"),
+        ],
+    )
     seeds(tmp_path, cfg(spec), failing(3, 10, CAUSE))
     seeds(tmp_path, cfg(spec, "softmax=stable"), ok(3))
     seeds(tmp_path, cfg(spec, "precision=fp32"), failing(2, 10, CAUSE))
@@ -232,8 +313,9 @@ def test_too_few_seeds(tmp_path):
 
 
 def test_interrupted_and_error_runs_are_not_seeds(tmp_path):
-    spec = mech("toy", CAUSE, BASELINE, [pred("max_subtracted_softmax", ["softmax=stable"],
-                                              "fixes")])
+    spec = mech(
+        "toy", CAUSE, BASELINE, [pred("max_subtracted_softmax", ["softmax=stable"], "fixes")]
+    )
     seeds(tmp_path, cfg(spec), failing(3, 10, CAUSE))
     seeds(tmp_path, cfg(spec, "softmax=stable"), ok(2) + [("interrupted",), ("error",)])
     m = the(analyze(tmp_path), "toy")
@@ -244,10 +326,17 @@ def test_interrupted_and_error_runs_are_not_seeds(tmp_path):
 
 # --------------------------------------------------------------------------- effects
 
+
 def _one(tmp_path, base, mit, predicted="no_effect"):
-    spec = mech("toy", CAUSE, BASELINE, [
-        pred("max_subtracted_softmax", ["softmax=stable"], "fixes"),
-        pred("lower_lr", ["lr_x=1"], predicted)])
+    spec = mech(
+        "toy",
+        CAUSE,
+        BASELINE,
+        [
+            pred("max_subtracted_softmax", ["softmax=stable"], "fixes"),
+            pred("lower_lr", ["lr_x=1"], predicted),
+        ],
+    )
     seeds(tmp_path, cfg(spec), base)
     seeds(tmp_path, cfg(spec, "softmax=stable"), ok(3))
     seeds(tmp_path, cfg(spec, "lr_x=1"), mit)
@@ -265,8 +354,10 @@ def test_stalled_counts_as_no_effect_for_agreement(tmp_path):
     assert (p.measured, p.agreement) == ("stalls", "agrees")
 
 
-@pytest.mark.parametrize("step, effect", [(25, "delays"), (15, "delays"), (14, "no_effect"),
-                                          (10, "no_effect"), (9, "worsens")])
+@pytest.mark.parametrize(
+    "step, effect",
+    [(25, "delays"), (15, "delays"), (14, "no_effect"), (10, "no_effect"), (9, "worsens")],
+)
 def test_delays_needs_1_5x_and_gives_the_factor(tmp_path, step, effect):
     p = _one(tmp_path, failing(3, 10, CAUSE), failing(3, step, CAUSE), predicted="delays")
     assert p.measured == effect
@@ -285,12 +376,17 @@ def test_delays_uses_medians_of_failing_seeds(tmp_path):
     assert p.measured == "delays" and p.factor == pytest.approx(1.6)
 
 
-@pytest.mark.parametrize("base_frac, mit_frac, effect", [(0.05, 0.9, "worsens"),
-                                                         (0.05, 0.14, "no_effect"),
-                                                         (0.5, 0.2, "no_effect")])
+@pytest.mark.parametrize(
+    "base_frac, mit_frac, effect",
+    [(0.05, 0.9, "worsens"), (0.05, 0.14, "no_effect"), (0.5, 0.2, "no_effect")],
+)
 def test_worsens_by_nonfinite_param_frac(tmp_path, base_frac, mit_frac, effect):
-    p = _one(tmp_path, failing(3, 10, CAUSE, base_frac), failing(3, 10, CAUSE, mit_frac),
-             predicted="worsens")
+    p = _one(
+        tmp_path,
+        failing(3, 10, CAUSE, base_frac),
+        failing(3, 10, CAUSE, mit_frac),
+        predicted="worsens",
+    )
     assert p.measured == effect
     if effect == "worsens":
         assert f"{base_frac:.2f} -> {mit_frac:.2f}" in p.detail
@@ -310,20 +406,33 @@ def test_diverged_and_nonfinite_are_counted_apart_and_both_fail(tmp_path):
 
 # --------------------------------------------------------------------------- cells
 
+
 def test_seeds_are_pooled_only_by_cell(tmp_path):
     """Two configs with identical axes columns (they differ in data.image_size) are two
     cells; the mitigation with the other image size is not the mitigation of this baseline."""
-    spec = mech("toy", CAUSE, BASELINE, [
-        pred("max_subtracted_softmax", ["softmax=stable"], "fixes")])
+    spec = mech(
+        "toy", CAUSE, BASELINE, [pred("max_subtracted_softmax", ["softmax=stable"], "fixes")]
+    )
     seeds(tmp_path, cfg(spec), failing(3, 10, CAUSE))
     seeds(tmp_path, cfg(spec, "softmax=stable"), ok(3))
     seeds(tmp_path, cfg(spec, "softmax=stable", "data.image_size=112"), failing(3, 10, CAUSE))
     df = report.collect(tmp_path)
-    axes = ["precision", "softmax", "lr", "lr_x", "warmup_steps", "clip", "normalize",
-            "stress", "guard", "model", "data"]
+    axes = [
+        "precision",
+        "softmax",
+        "lr",
+        "lr_x",
+        "warmup_steps",
+        "clip",
+        "normalize",
+        "stress",
+        "guard",
+        "model",
+        "data",
+    ]
     stable = df[df["softmax"] == "stable"]
-    assert len(stable.drop_duplicates(axes)) == 1           # the axes alone cannot tell ...
-    assert stable["cell"].nunique() == 2                     # ... the cell can
+    assert len(stable.drop_duplicates(axes)) == 1  # the axes alone cannot tell ...
+    assert stable["cell"].nunique() == 2  # ... the cell can
     cells = report.build_cells(df)
     assert sorted(c.n_seeds for c in cells if c.softmax == "stable") == [3, 3]
     m = the(report.analyze(df), "toy")
@@ -333,8 +442,9 @@ def test_seeds_are_pooled_only_by_cell(tmp_path):
 
 
 def test_mitigation_must_differ_in_that_setting_only(tmp_path):
-    spec = mech("toy", CAUSE, BASELINE, [
-        pred("max_subtracted_softmax", ["softmax=stable"], "fixes")])
+    spec = mech(
+        "toy", CAUSE, BASELINE, [pred("max_subtracted_softmax", ["softmax=stable"], "fixes")]
+    )
     seeds(tmp_path, cfg(spec), failing(3, 10, CAUSE))
     seeds(tmp_path, cfg(spec, "softmax=stable", "warmup_steps=5"), ok(3))
     m = the(analyze(tmp_path), "toy")
@@ -343,8 +453,9 @@ def test_mitigation_must_differ_in_that_setting_only(tmp_path):
 
 
 def test_several_baselines_are_separate_contexts(tmp_path):
-    spec = mech("toy", CAUSE, BASELINE, [
-        pred("max_subtracted_softmax", ["softmax=stable"], "fixes")])
+    spec = mech(
+        "toy", CAUSE, BASELINE, [pred("max_subtracted_softmax", ["softmax=stable"], "fixes")]
+    )
     for size, mit in ((56, ok(3)), (112, failing(3, 10, CAUSE))):
         seeds(tmp_path, cfg(spec, f"data.image_size={size}"), failing(3, 10, CAUSE))
         seeds(tmp_path, cfg(spec, f"data.image_size={size}", "softmax=stable"), mit)
@@ -358,8 +469,12 @@ def test_several_baselines_are_separate_contexts(tmp_path):
 
 def test_predictions_come_from_the_records(tmp_path):
     """A mechanism no conf/stress YAML defines: the report knows it from the records."""
-    spec = mech("made_up_here", "half_overflow", ["precision=fp16"], [
-        pred("brand_new_advice", ["precision=fp32"], "fixes")])
+    spec = mech(
+        "made_up_here",
+        "half_overflow",
+        ["precision=fp16"],
+        [pred("brand_new_advice", ["precision=fp32"], "fixes")],
+    )
     seeds(tmp_path, cfg(spec), failing(3, 0, "half_overflow"))
     seeds(tmp_path, cfg(spec, "precision=fp32"), ok(3))
     a = analyze(tmp_path)
@@ -372,11 +487,15 @@ def test_predictions_come_from_the_records(tmp_path):
 def test_bf16_range_pairs(tmp_path):
     """Core cells that differ only in fp32 vs bf16: same outcome counted."""
     from test_report_builders import config_for as core
-    for x, (o32, o16) in {1: (ok(3), ok(3)), 3: (ok(3), failing(3, 5, CAUSE)),
-                          10: (failing(3, 5, CAUSE), failing(3, 6, CAUSE))}.items():
+
+    for x, (o32, o16) in {
+        1: (ok(3), ok(3)),
+        3: (ok(3), failing(3, 5, CAUSE)),
+        10: (failing(3, 5, CAUSE), failing(3, 6, CAUSE)),
+    }.items():
         seeds(tmp_path, core(None, ["precision=fp32", f"lr_x={x}"]), o32)
         seeds(tmp_path, core(None, ["precision=bf16", f"lr_x={x}"]), o16)
-    seeds(tmp_path, core(None, ["precision=bf16", "lr_x=30"]), ok(3))   # no fp32 partner
+    seeds(tmp_path, core(None, ["precision=bf16", "lr_x=30"]), ok(3))  # no fp32 partner
     r = analyze(tmp_path).range_pairs
     assert (r.n, r.same, len(r.differ)) == (3, 2, 1)
     assert "lr_x=3" in r.differ[0]
@@ -385,14 +504,16 @@ def test_bf16_range_pairs(tmp_path):
 
 def test_monitor_evidence_counts_named_causes(tmp_path):
     from test_report_builders import config_for as core
+
     seeds(tmp_path, core(None, ["lr_x=1"]), failing(3, 5, CAUSE))
     seeds(tmp_path, core(None, ["lr_x=3"]), failing(1, 5, "unknown") + ok(2))
     a = analyze(tmp_path)
     assert "named a cause for 3 of 4 failing runs" in line(a, "monitor")
 
 
-@pytest.mark.parametrize("n_ok, n_bad, effect", [(3, 2, "mixed"), (4, 2, "fixes"),
-                                                  (2, 4, "no_effect"), (2, 3, "mixed")])
+@pytest.mark.parametrize(
+    "n_ok, n_bad, effect", [(3, 2, "mixed"), (4, 2, "fixes"), (2, 4, "no_effect"), (2, 3, "mixed")]
+)
 def test_two_thirds_is_two_thirds_not_a_majority(tmp_path, n_ok, n_bad, effect):
     p = _one(tmp_path, failing(5, 10, CAUSE), ok(n_ok) + failing(n_bad, 10, CAUSE))
     assert p.measured == effect, (n_ok, n_bad)
@@ -400,8 +521,9 @@ def test_two_thirds_is_two_thirds_not_a_majority(tmp_path, n_ok, n_bad, effect):
 
 @pytest.mark.parametrize("k, n, counts", [(3, 5, False), (4, 6, True), (4, 5, True)])
 def test_baseline_two_thirds_with_more_seeds(tmp_path, k, n, counts):
-    spec = mech("toy", CAUSE, BASELINE, [pred("max_subtracted_softmax", ["softmax=stable"],
-                                              "fixes")])
+    spec = mech(
+        "toy", CAUSE, BASELINE, [pred("max_subtracted_softmax", ["softmax=stable"], "fixes")]
+    )
     seeds(tmp_path, cfg(spec), failing(k, 10, CAUSE) + ok(n - k))
     seeds(tmp_path, cfg(spec, "softmax=stable"), ok(3))
     assert the(analyze(tmp_path), "toy").counts is counts
@@ -409,10 +531,19 @@ def test_baseline_two_thirds_with_more_seeds(tmp_path, k, n, counts):
 
 def test_a_mechanism_may_declare_several_causes(tmp_path):
     """logit_growth fails at either end of exp()'s range: both causes count for it, no other."""
-    spec = mech("toy", ["exp_overflow", "exp_underflow"], BASELINE, [
-        pred("max_subtracted_softmax", ["softmax=stable"], "fixes")])
-    seeds(tmp_path, cfg(spec), failing(1, 10, "exp_overflow") + failing(1, 10, "exp_underflow")
-          + failing(1, 10, "masked_row"))
+    spec = mech(
+        "toy",
+        ["exp_overflow", "exp_underflow"],
+        BASELINE,
+        [pred("max_subtracted_softmax", ["softmax=stable"], "fixes")],
+    )
+    seeds(
+        tmp_path,
+        cfg(spec),
+        failing(1, 10, "exp_overflow")
+        + failing(1, 10, "exp_underflow")
+        + failing(1, 10, "masked_row"),
+    )
     seeds(tmp_path, cfg(spec, "softmax=stable"), ok(3))
     assert the(analyze(tmp_path), "toy").counts is True  # 2 of 3 with a declared cause
     other = tmp_path / "other"
@@ -420,3 +551,49 @@ def test_a_mechanism_may_declare_several_causes(tmp_path):
     seeds(other, cfg(spec, "softmax=stable"), ok(3))
     m = the(analyze(other), "toy")
     assert m.status == "baseline did not fail with exp_overflow or exp_underflow (1/3 seeds)"
+
+
+# --------------------------------------------------------------------------- the control
+
+
+def _controlled(tmp_path, control_outcomes):
+    """A mechanism whose baseline fails with CAUSE and whose fix works; its control (the
+    baseline with stress=none) given `control_outcomes` (None: not run)."""
+    spec = mech(
+        "toy",
+        CAUSE,
+        BASELINE,
+        [pred("max_subtracted_softmax", ["softmax=stable"], "fixes")],
+        control=["stress=none"],
+    )
+    seeds(tmp_path, cfg(spec), failing(3, 10, CAUSE))
+    seeds(tmp_path, cfg(spec, "softmax=stable"), ok(3))
+    if control_outcomes is not None:
+        from test_report_builders import config_for
+
+        seeds(tmp_path, config_for(None, BASELINE), control_outcomes)
+    return the(analyze(tmp_path), "toy")
+
+
+def test_a_clean_control_lets_the_mechanism_count(tmp_path):
+    m = _controlled(tmp_path, ok(3))
+    assert m.control_cell is not None and m.control_cell.n_ok == 3
+    assert m.counts and pair(m, "softmax=stable").measured == "fixes"
+
+
+def test_a_control_that_fails_with_the_cause_means_the_mechanism_is_not_what_fails(tmp_path):
+    m = _controlled(tmp_path, ok(2) + failing(1, 10, CAUSE))
+    assert not m.counts
+    assert m.base_status.startswith(f"control failed with {CAUSE} too (1/3 seeds")
+    assert not pair(m, "softmax=stable").counts
+
+
+def test_a_control_failing_otherwise_does_not_block(tmp_path):
+    """Only the declared cause says the trigger was not needed."""
+    m = _controlled(tmp_path, failing(3, 5, "masked_row"))
+    assert m.counts
+
+
+def test_a_declared_control_that_did_not_run_counts_nowhere(tmp_path):
+    m = _controlled(tmp_path, None)
+    assert not m.counts and m.base_status == "control not run (stress=none)"

@@ -1,6 +1,7 @@
-"""The test-time symptom (src/serve.py): a run that trains finite is served on its test split,
+"""The test-time symptom (nanlab/run/serve.py): a run that trains finite is served on its test split,
 batched with left padding; exactly the padded samples break under the mechanism, and the
 fixing setting keeps them finite. The probe on the saved checkpoint says the same."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,16 @@ from nanlab.probe import ProbeSpec, probe
 from nanlab.run.runner import run
 from nanlab.run.serve import ServeSpec, verdict
 
-BASE = ["experiment=nan_map_base", "logger=none", "max_steps=4", "stress=serving_masked_rows",
-        "precision=bf16", "softmax=stable", "lr_x=1", "serve.precision=bf16_autocast"]
+BASE = [
+    "experiment=nan_map_base",
+    "logger=none",
+    "max_steps=4",
+    "stress=serving_masked_rows",
+    "precision=bf16",
+    "softmax=stable",
+    "lr_x=1",
+    "serve.precision=bf16_autocast",
+]
 
 
 def padded_test_ids(spec) -> set[str]:
@@ -24,7 +33,7 @@ def padded_test_ids(spec) -> set[str]:
     processor = load_processor(spec.data.processor_spec())
     ids = set()
     for start in range(0, len(samples), spec.serve.batch_size):
-        chunk = samples[start:start + spec.serve.batch_size]
+        chunk = samples[start : start + spec.serve.batch_size]
         batch = Collator(processor, "left")(chunk)
         ids |= {s["id"] for s, m in zip(chunk, batch["attention_mask"]) if (m == 0).any()}
     return ids
@@ -50,25 +59,46 @@ def test_finite_in_training_nonfinite_at_test_on_exactly_the_padded_samples(tmp_
 
     # the probe on the saved checkpoint, under the same serving conditions, agrees
     served = dataclasses.replace(spec.data, padding_side="left")
-    table = probe(ProbeSpec(checkpoint=str(tmp_path / "base" / "hf"), data=served,
-                            precision=spec.precision, softmax=spec.softmax, split="test",
-                            batch_size=spec.serve.batch_size, seed=spec.seed), quiet=True)
+    table = probe(
+        ProbeSpec(
+            checkpoint=str(tmp_path / "base" / "hf"),
+            data=served,
+            precision=spec.precision,
+            softmax=spec.softmax,
+            split="test",
+            batch_size=spec.serve.batch_size,
+            seed=spec.seed,
+        ),
+        quiet=True,
+    )
     assert set(table.loc[table["nonfinite"], "id"]) == padded
 
 
 def test_verdict_line_names_samples_cause_and_serving():
-    line = verdict({"test_status": "nonfinite", "test_samples": 8, "test_nonfinite": 2,
-                    "test_failing_ids": ["a", "b"], "test_module": "m", "test_cause": "masked_row",
-                    "test_cause_detail": "2 rows", "test_precision": "bf16_autocast",
-                    "test_padding_side": "left"})
+    line = verdict(
+        {
+            "test_status": "nonfinite",
+            "test_samples": 8,
+            "test_nonfinite": 2,
+            "test_failing_ids": ["a", "b"],
+            "test_module": "m",
+            "test_cause": "masked_row",
+            "test_cause_detail": "2 rows",
+            "test_precision": "bf16_autocast",
+            "test_padding_side": "left",
+        }
+    )
     assert line.startswith("TEST-TIME NON-FINITE: 2 of 8") and "a, b" in line
     assert "masked_row" in line and "bf16_autocast" in line
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("precision", "int8", "serve.precision=int8: allowed bf16, fp16, fp32, bf16_autocast"),
-    ("padding_side", "middle", "serve.padding_side=middle: allowed left, right"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("precision", "int8", "serve.precision=int8: allowed bf16, fp16, fp32, bf16_autocast"),
+        ("padding_side", "middle", "serve.padding_side=middle: allowed left, right"),
+    ],
+)
 def test_bad_serving_settings_are_one_line_errors(key, value, message):
     with pytest.raises(ValueError, match=message):
         ServeSpec(**{key: value}).check()

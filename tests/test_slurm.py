@@ -8,6 +8,7 @@ NANLAB_REQUIRE_SLURM=1 turns that skip into a failure (CI sets it once the clust
 
 The sbatch flags the launcher configs render into are checked without SLURM (fast tier).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from nanlab.config.compose import CONF_DIR
+from nanlab.record import flatten
 from nanlab.sweep.slurm import slurm_state, squeue_info
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,29 +45,50 @@ def sbatch_script(tmp_path, monkeypatch, *overrides: str) -> str:
     from submitit.slurm import slurm
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", return_hydra_config=True,
-                      overrides=[*overrides, f"hydra.sweep.dir={tmp_path}"])
+        cfg = compose(
+            config_name="config",
+            return_hydra_config=True,
+            overrides=[*overrides, f"hydra.sweep.dir={tmp_path}"],
+        )
     monkeypatch.setattr(slurm.SlurmExecutor, "affinity", staticmethod(lambda: 2))
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert params.pop("_target_") == "hydra_plugins.nanlab.slurm_launcher.SlurmLauncher"
     assert params["submitit_folder"] == f"{tmp_path}/.submitit/%j"
-    executor = submitit.AutoExecutor(folder=params.pop("submitit_folder"), cluster="slurm",
-                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
+    executor = submitit.AutoExecutor(
+        folder=params.pop("submitit_folder"),
+        cluster="slurm",
+        slurm_max_num_timeout=params.pop("max_num_timeout"),
+    )
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
-    return slurm._make_sbatch_string(command="python -m x", folder=tmp_path, map_count=5,
-                                     **executor._executor.parameters)
+    return slurm._make_sbatch_string(
+        command="python -m x", folder=tmp_path, map_count=5, **executor._executor.parameters
+    )
 
 
 def test_slurm_launcher_composes_into_sbatch_flags(tmp_path, monkeypatch):
-    script = sbatch_script(tmp_path, monkeypatch, "hydra/launcher=slurm",
-                           "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2",
-                           "hydra.launcher.timeout_min=90", "hydra.launcher.array_parallelism=3",
-                           "hydra.launcher.mem_gb=16")
+    script = sbatch_script(
+        tmp_path,
+        monkeypatch,
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.gpus_per_node=2",
+        "hydra.launcher.timeout_min=90",
+        "hydra.launcher.array_parallelism=3",
+        "hydra.launcher.mem_gb=16",
+    )
     # no early USR2 (submitit's handler would turn a time limit into an error record): SLURM's
     # SIGTERM at the limit, which the run records as `interrupted`
-    for flag in ("--partition=gpu", "--gpus-per-node=2", "--time=90", "--mem=16GB",
-                 "--cpus-per-task=8", "--requeue", "--array=0-4%3", "--signal=TERM@0"):
+    for flag in (
+        "--partition=gpu",
+        "--gpus-per-node=2",
+        "--time=90",
+        "--mem=16GB",
+        "--cpus-per-task=8",
+        "--requeue",
+        "--array=0-4%3",
+        "--signal=TERM@0",
+    ):
         assert f"#SBATCH {flag}\n" in script, (flag, script)
     assert "USR2" not in script
 
@@ -78,13 +101,18 @@ def test_slurm_local_asks_for_a_cpu_cell(tmp_path, monkeypatch):
 
 
 def test_squeue_states_are_read_and_named():
-    text = ("JOBID|STATE|RESTART_COUNT|NODELIST|\n41_0|RUNNING|0|vm|\n41_1|PENDING|1||\n"
-            "41_2|TIMEOUT|0|vm|\n7_0|RUNNING|0|vm|\n")
+    text = (
+        "JOBID|STATE|RESTART_COUNT|NODELIST|\n41_0|RUNNING|0|vm|\n41_1|PENDING|1||\n"
+        "41_2|TIMEOUT|0|vm|\n7_0|RUNNING|0|vm|\n"
+    )
     info = squeue_info(text, {"41"})
-    assert set(info) == {"41_0", "41_1", "41_2"}           # another user's array left out
+    assert set(info) == {"41_0", "41_1", "41_2"}  # another user's array left out
     assert info["41_1"]["RestartCnt"] == "1"
-    assert [slurm_state(info[k]["State"]) for k in sorted(info)] == ["running", "pending",
-                                                                      "timeout"]
+    assert [slurm_state(info[k]["State"]) for k in sorted(info)] == [
+        "running",
+        "pending",
+        "timeout",
+    ]
     assert slurm_state("CANCELLED by 0") == "cancelled" and slurm_state(None) == "unknown"
 
 
@@ -95,19 +123,27 @@ def slurm_env() -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     conf = Path(os.environ.get("NANLAB_SLURM_DIR", "/tmp/nanlab-slurm")) / "slurm.conf"
     if "SLURM_CONF" not in env and conf.exists() and not Path("/etc/slurm/slurm.conf").exists():
-        env["SLURM_CONF"] = str(conf)   # the local cluster, where it could not link /etc/slurm
+        env["SLURM_CONF"] = str(conf)  # the local cluster, where it could not link /etc/slurm
     return env
 
 
 def unavailable(env: dict[str, str]) -> str | None:
     """Why no SLURM cluster can run these tests here, or None."""
     start = f"(start one: sudo bash {CLUSTER_SCRIPT.relative_to(ROOT)} start)"
-    missing = [t for t in ("sbatch", "squeue", "sinfo", "scontrol", "scancel") if not shutil.which(t)]
+    missing = [
+        t for t in ("sbatch", "squeue", "sinfo", "scontrol", "scancel") if not shutil.which(t)
+    ]
     if missing:
         return f"no SLURM client tools ({', '.join(missing)} not on PATH) {start}"
     try:
-        proc = subprocess.run(["sinfo", "--noheader", "--responding", "-o", "%a %t"], env=env,
-                              capture_output=True, text=True, timeout=20, check=False)
+        proc = subprocess.run(
+            ["sinfo", "--noheader", "--responding", "-o", "%a %t"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return f"sinfo did not answer in 20 s {start}"
     if proc.returncode != 0:
@@ -129,15 +165,31 @@ def slurm() -> dict[str, str]:
 
 
 def sweep_args(out: Path, *overrides: str, launcher: str = "slurm_local") -> list[str]:
-    return [sys.executable, "-m", "src.train", "-m", "experiment=nan_map_smoke",
-            f"hydra/launcher={launcher}", f"hydra.sweep.dir={out}",
-            "hydra.callbacks.sweep_progress.poll_s=2", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "src.train",
+        "-m",
+        "experiment=nan_map_smoke",
+        f"hydra/launcher={launcher}",
+        f"hydra.sweep.dir={out}",
+        "hydra.callbacks.sweep_progress.poll_s=2",
+        *overrides,
+    ]
 
 
-def run_sweep(env: dict, out: Path, *overrides: str, launcher: str = "slurm_local",
-              timeout: int = 420) -> str:
-    proc = subprocess.run(sweep_args(out, *overrides, launcher=launcher), cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+def run_sweep(
+    env: dict, out: Path, *overrides: str, launcher: str = "slurm_local", timeout: int = 420
+) -> str:
+    proc = subprocess.run(
+        sweep_args(out, *overrides, launcher=launcher),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
     return output
@@ -148,18 +200,26 @@ class Sweep:
 
     def __init__(self, env: dict, out: Path, *overrides: str) -> None:
         self.env, self.out = env, out
-        self.earlier = set(self._tasks())            # an earlier sweep's tasks in this dir
+        self.earlier = set(self._tasks())  # an earlier sweep's tasks in this dir
         self.log = (out.parent / f"{out.name}.log").open("w+")
-        self.proc = subprocess.Popen(sweep_args(out, *overrides), cwd=ROOT, env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            sweep_args(out, *overrides),
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     def _tasks(self) -> list[str]:
         return sorted(p.name for p in (self.out / ".submitit").glob("*_*"))
 
     def task(self, num: int, timeout: float = 120) -> str:
         """SLURM's id of this sweep's task that runs cell `num`, e.g. 41_1."""
-        return wait_for(lambda: [t for t in self._tasks() if t.endswith(f"_{num}")
-                                 and t not in self.earlier], timeout)[0]
+        return wait_for(
+            lambda: [t for t in self._tasks() if t.endswith(f"_{num}") and t not in self.earlier],
+            timeout,
+        )[0]
 
     def finish(self, timeout: float = 420) -> str:
         try:
@@ -167,7 +227,7 @@ class Sweep:
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
-            for task in set(self._tasks()) - self.earlier:    # leave no job behind
+            for task in set(self._tasks()) - self.earlier:  # leave no job behind
                 subprocess.run(["scancel", task], env=self.env, capture_output=True, check=False)
         self.log.seek(0)
         output = self.log.read()
@@ -193,42 +253,63 @@ def training(run_dir: Path, version: int = 0) -> bool:
 
 
 def records(root: Path) -> dict[str, dict]:
-    """run dir name -> record (plain JSON: fields are read as the run wrote them)"""
-    return {p.parent.name: json.loads(p.read_text()) for p in sorted(root.glob("*/record.json"))}
+    """run dir name -> record's flat fields (record.json's sections, flattened)"""
+    return {
+        p.parent.name: flatten(json.loads(p.read_text()))
+        for p in sorted(root.glob("*/record.json"))
+    }
 
 
 def summary(output: str) -> str:
     """The final `sweep done` panel as one line (rich wraps it to the terminal's width)."""
     assert "sweep done" in output, output[-3000:]
-    return re.sub(r"[\s│╭╮╰╯─]+", " ", output[output.rindex("sweep done"):])
+    return re.sub(r"[\s│╭╮╰╯─]+", " ", output[output.rindex("sweep done") :])
 
 
 def scontrol(env: dict, *args: str) -> None:
     subprocess.run(["scontrol", *args], env=env, check=True, capture_output=True, timeout=30)
 
 
-WARM: list[bool] = []      # a run in this session has built the caches (tokenizer, tiny base)
+WARM: list[bool] = []  # a run in this session has built the caches (tokenizer, tiny base)
 
 
 def warm_caches(env: dict, tmp_path: Path) -> None:
     """Build the caches once before a sweep whose cells have only a minute: a cold tiny base
     takes longer than that to build (the cells would wait for it on its file lock)."""
     if not WARM:
-        proc = subprocess.run([sys.executable, "-m", "src.train", "experiment=nan_map_smoke",
-                               "max_steps=1", "logger=none", f"hydra.run.dir={tmp_path}/warm"],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-                              check=False)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "src.train",
+                "experiment=nan_map_smoke",
+                "max_steps=1",
+                "logger=none",
+                f"hydra.run.dir={tmp_path}/warm",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         WARM.append(True)
 
 
 @pytest.mark.slow
 def test_smoke_grid_through_slurm_matches_the_local_launcher(slurm, tmp_path):
-    cells = ["precision=bf16"]         # 4 of the smoke grid's 8 cells: softmax x lr
+    cells = ["precision=bf16"]  # 4 of the smoke grid's 8 cells: softmax x lr
     # the local sweep (one cell after another in one process) runs meanwhile
-    local = subprocess.Popen(sweep_args(tmp_path / "local", *cells, launcher="basic"), cwd=ROOT,
-                             env=slurm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    local = subprocess.Popen(
+        sweep_args(tmp_path / "local", *cells, launcher="basic"),
+        cwd=ROOT,
+        env=slurm,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         output = run_sweep(slurm, tmp_path / "slurm", *cells)
         here_output = local.communicate(timeout=420)[0]
@@ -249,9 +330,14 @@ def test_smoke_grid_through_slurm_matches_the_local_launcher(slurm, tmp_path):
     # the SLURM states, truthfully, and the same counts as the local sweep; no poll warnings
     assert re.search(r"slurm \d+: completed 4 ", summary(output)), summary(output)
     assert re.search(r"slurm \d+: (pending|running)", output), output[-3000:]
-    counts = re.compile(r"ok \d+ · stalled \d+ · nonfinite \d+ · diverged \d+ · "
-                        r"interrupted \d+ · error \d+ · skipped \d+")
-    here_counts, slurm_counts = counts.findall(summary(here_output)), counts.findall(summary(output))
+    counts = re.compile(
+        r"ok \d+ · stalled \d+ · nonfinite \d+ · diverged \d+ · "
+        r"interrupted \d+ · error \d+ · skipped \d+"
+    )
+    here_counts, slurm_counts = (
+        counts.findall(summary(here_output)),
+        counts.findall(summary(output)),
+    )
     assert len(slurm_counts) == 1 and here_counts == slurm_counts, (here_counts, slurm_counts)
     assert "sacct" not in output and "Bypassing" not in output
 
@@ -283,15 +369,16 @@ def test_a_requeued_task_runs_again_and_leaves_one_record(preempted):
     assert sorted(recs) == ["0", "1", "2"], "exactly one record per cell"
     assert [recs[n]["max_steps"] for n in ("0", "1", "2")] == [4, 20, 100000]
     assert "error" not in {r["status"] for r in recs.values()}
-    assert recs["1"]["status"] in ("ok", "stalled"), recs["1"]     # it ran to the end ...
+    assert recs["1"]["status"] in ("ok", "stalled"), recs["1"]  # it ran to the end ...
     assert recs["1"]["steps_done"] == 20
-    assert recs["1"]["attempt"] == 2, recs["1"]                    # ... on its second start
+    assert recs["1"]["attempt"] == 2, recs["1"]  # ... on its second start
     assert recs["0"]["attempt"] == 1 and recs["2"]["attempt"] == 1
     # SLURM's final states: cell 2 timed out (below); cell 1 completed unless a loaded machine
     # made its second start outlast the minute after writing its record
-    assert re.search(r"slurm \d+: completed [12] · timeout [12] · requeued 1 ", summary(output)), \
+    assert re.search(r"slurm \d+: completed [12] · timeout [12] · requeued 1 ", summary(output)), (
         summary(output)
-    assert re.search(r"requeued 1", output[:output.rindex("sweep done")]), "live, too"
+    )
+    assert re.search(r"requeued 1", output[: output.rindex("sweep done")]), "live, too"
 
 
 @pytest.mark.slow
@@ -312,8 +399,9 @@ def test_a_timed_out_cell_is_recorded_interrupted_and_a_rerun_redoes_only_it(slu
         subprocess.run(["scancel", task], env=slurm, check=True, timeout=30)
     finally:
         output = rerun.finish()
-    assert {n: (out / n / "record.json").stat().st_mtime_ns for n in ("0", "1")} == done, \
+    assert {n: (out / n / "record.json").stat().st_mtime_ns for n in ("0", "1")} == done, (
         "the done cells were kept"
+    )
     again = records(out)["2"]
     assert again["status"] == "interrupted" and again["wall_time_s"] != recs["2"]["wall_time_s"]
     assert "interrupted 1 · error 0 · skipped 2" in summary(output), summary(output)

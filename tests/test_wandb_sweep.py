@@ -8,6 +8,7 @@
   run_cell.py as the right Hydra call, for grid.yaml and bayes.yaml;
 * launch.sh --dry-run sizes the sweeps (the grid: the map's cell count).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ import yaml
 
 from experiments.wandb import make_grid, run_cell
 from helpers import hydra_cfg, plain
-from hydra_plugins.nanlab_sweeper.mechanism_sweeper import mechanism_cells
+from hydra_plugins.nanlab_sweeper.mechanism_sweeper import mechanism_cells, unique
 from nanlab.config.compose import CONF_DIR, compose_spec, spec_from_config, validate_cli
 from nanlab.sweep.progress import grid_size
 
@@ -43,7 +44,8 @@ def agent_command(sweep_command: list[str], params: dict) -> list[str]:
 
     command = sweep_utils.create_sweep_command(list(sweep_command))
     sweep_vars = sweep_utils.create_sweep_command_args(
-        {"args": {k: {"value": v} for k, v in params.items()}})
+        {"args": {k: {"value": v} for k, v in params.items()}}
+    )
     sweep_vars.update(interpreter=["python"], program=[None], env=["/usr/bin/env"])
     out: list[str] = []
     for c in map(str, command):
@@ -62,9 +64,14 @@ def cells() -> list[str]:
 def sample(cells: list[str]) -> list[str]:
     """The first and the last cell of each block (the core grid, each mechanism)."""
     groups = [next((o for o in c.split() if o.startswith("stress=")), "core") for c in cells]
-    return sorted({c for i, c in enumerate(cells)
-                   if i in (0, len(cells) - 1) or groups[i] != groups[i - 1]
-                   or groups[i] != groups[i + 1]}, key=cells.index)
+    return sorted(
+        {
+            c
+            for i, c in enumerate(cells)
+            if i in (0, len(cells) - 1) or groups[i] != groups[i - 1] or groups[i] != groups[i + 1]
+        },
+        key=cells.index,
+    )
 
 
 # --- grid.yaml is the map ---------------------------------------------------------------
@@ -73,7 +80,8 @@ def sample(cells: list[str]) -> list[str]:
 def test_grid_yaml_is_what_make_grid_writes_now():
     text, n = make_grid.generate()
     assert (WANDB_DIR / "grid.yaml").read_text() == text, (
-        "grid.yaml is stale: .venv/bin/python -m experiments.wandb.make_grid")
+        "grid.yaml is stale: .venv/bin/python -m experiments.wandb.make_grid"
+    )
     assert n == len(load("grid")["parameters"]["cell"]["values"])
 
 
@@ -94,14 +102,17 @@ def test_grid_sweeps_exactly_the_maps_cells(cells):
     assert cells == [" ".join(c) for c in make_grid.map_cells()]
     assert len(set(cells)) == len(cells)
     cfg = hydra_cfg("experiment=nan_map")
-    assert grid_size(cfg) == len(cells)           # what `-m experiment=nan_map` runs
-    sweeper = cfg.hydra.sweeper                   # the union: the core product + mechanisms
+    assert grid_size(cfg) == len(cells)  # what `-m experiment=nan_map` runs
+    sweeper = cfg.hydra.sweeper  # the union: the core product + mechanisms
     core = math.prod(len(str(v).split(",")) for v in sweeper.params.values())
-    mechanisms = mechanism_cells(sweeper.mechanisms, list(sweeper.seeds))
+    # the mechanisms' cells, less the controls that are core cells (run once, in the core)
+    mechanisms = unique(
+        [c.split() for c in cells[:core]] + mechanism_cells(sweeper.mechanisms, list(sweeper.seeds))
+    )[core:]
     assert cells[core:] == [" ".join(c) for c in mechanisms]
     assert all("stress=" not in c for c in cells[:core])
     stresses = {p.stem for p in (CONF_DIR / "stress").glob("*.yaml")} - {"none"}
-    assert {c.split()[0] for c in cells[core:]} == {f"stress={s}" for s in stresses}
+    assert {c.split()[0] for c in cells[core:]} == {f"stress={s}" for s in stresses | {"none"}}
     assert "PLACEHOLDER" not in (WANDB_DIR / "grid.yaml").read_text()
 
 
@@ -111,12 +122,15 @@ def test_cells_compose_with_the_maps_settings_and_hash(cells):
     run_cell runs it for the agent (experiment=nan_map_base, W&B logger and all); the first
     of each block is also composed as the map's multirun has it (experiment=nan_map): the
     same config hash and cell, so W&B runs and the map's records line up."""
-    command = load("grid")["command"][5:]            # after ${args_no_hyphens}
-    firsts = {c for i, c in enumerate(cells)      # the core's first, each mechanism's first
-              if i == 0 or (c.startswith("stress=") and c.split()[0] != cells[i - 1].split()[0])}
+    command = load("grid")["command"][5:]  # after ${args_no_hyphens}
+    firsts = {
+        c
+        for i, c in enumerate(cells)  # the core's first, each mechanism's first
+        if i == 0 or (c.startswith("stress=") and c.split()[0] != cells[i - 1].split()[0])
+    }
     for cell in sample(cells):
         overrides = run_cell.overrides([f"cell={cell}", *command])
-        assert overrides[:len(cell.split()) + 1] == ["experiment=nan_map_base", *cell.split()]
+        assert overrides[: len(cell.split()) + 1] == ["experiment=nan_map_base", *cell.split()]
         assert validate_cli(overrides) is None
         spec = compose_spec(*overrides)
         assert spec.logger.name == "wandb" and spec.optim.max_steps == 20, cell
@@ -133,14 +147,27 @@ def test_cells_compose_with_the_maps_settings_and_hash(cells):
 @pytest.mark.parametrize("args", [["--cell=a=1 b=2"], ["cell=a=1 b=2"], ["--cell", "a=1  b=2"]])
 def test_run_cell_splits_the_cell(args):
     assert run_cell.argv(args, python="py") == [
-        "py", "-m", "src.train", "experiment=nan_map_base", "a=1", "b=2"]
+        "py",
+        "-m",
+        "src.train",
+        "experiment=nan_map_base",
+        "a=1",
+        "b=2",
+    ]
 
 
 def test_run_cell_passes_the_rest_and_the_cell_wins_a_key():
     args = ["lr_x=0.5", "cell=seed=1 lr_x=3", "logger=wandb", "hydra.run.dir='x/${now:%H}'"]
     assert run_cell.argv(args, python="py") == [
-        "py", "-m", "src.train", "experiment=nan_map_base", "seed=1", "lr_x=3",
-        "logger=wandb", "hydra.run.dir='x/${now:%H}'"]
+        "py",
+        "-m",
+        "src.train",
+        "experiment=nan_map_base",
+        "seed=1",
+        "lr_x=3",
+        "logger=wandb",
+        "hydra.run.dir='x/${now:%H}'",
+    ]
     assert run_cell.argv([], python="py") == ["py", "-m", "src.train", "experiment=nan_map_base"]
 
 
@@ -148,9 +175,20 @@ def test_run_cell_execs_the_entry_point(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(os, "execv", lambda path, argv: calls.append((path, argv)))
     run_cell.main(["--cell=precision=bf16 seed=0", "logger=wandb"])
-    assert calls == [(sys.executable, [sys.executable, "-m", "src.train",
-                                       "experiment=nan_map_base", "precision=bf16", "seed=0",
-                                       "logger=wandb"])]
+    assert calls == [
+        (
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "src.train",
+                "experiment=nan_map_base",
+                "precision=bf16",
+                "seed=0",
+                "logger=wandb",
+            ],
+        )
+    ]
     assert "experiment=nan_map_base precision=bf16" in capsys.readouterr().err
 
 
@@ -160,14 +198,16 @@ def test_run_cell_execs_the_entry_point(monkeypatch, capsys):
 def bayes_params(sweep: dict) -> list[dict]:
     p = sweep["parameters"]["lr_x"]
     lo, hi = float(p["min"]), float(p["max"])
-    return [{"cell": sweep["parameters"]["cell"]["value"], "lr_x": x}
-            for x in (lo, math.sqrt(lo * hi) * 1.2345678, hi)]
+    return [
+        {"cell": sweep["parameters"]["cell"]["value"], "lr_x": x}
+        for x in (lo, math.sqrt(lo * hi) * 1.2345678, hi)
+    ]
 
 
 @pytest.mark.parametrize("name", ["grid", "bayes"])
 def test_agent_command_is_the_maps_hydra_call(name, cells, monkeypatch):
     sweep = load(name)
-    assert sweep["command"] == make_grid.COMMAND     # one command for both sweep files
+    assert sweep["command"] == make_grid.COMMAND  # one command for both sweep files
     if name == "grid":
         params = [{"cell": c} for c in (cells[0], cells[-1])]
     else:
@@ -181,14 +221,14 @@ def test_agent_command_is_the_maps_hydra_call(name, cells, monkeypatch):
     for p in params:
         argv = agent_command(sweep["command"], p)
         assert argv[:4] == ENTRY, argv
-        assert f"cell={p['cell']}" in argv                 # one argument, spaces and all
+        assert f"cell={p['cell']}" in argv  # one argument, spaces and all
         overrides = run_cell.overrides(argv[4:])
         assert validate_cli(overrides) is None
-        cfg = hydra_cfg(*overrides)          # Hydra parses every override (RUN mode: no sweeps)
+        cfg = hydra_cfg(*overrides)  # Hydra parses every override (RUN mode: no sweeps)
         assert cfg.hydra.run.dir == "outputs/wandb_sweeps/sweep123/run456"
         spec = spec_from_config(plain(cfg), overrides)
         assert spec.logger.name == "wandb" and spec.logger.mode == "online"
-        assert spec.optim.max_steps == 20 and spec.data.num_train == 128   # nan_map_base
+        assert spec.optim.max_steps == 20 and spec.data.num_train == 128  # nan_map_base
         if "lr_x" in p:
             assert math.isclose(spec.optim.lr, p["lr_x"] * spec.model.ref_lr)
             assert (spec.precision.name, spec.softmax.name) == ("bf16", "sdpa")
@@ -206,10 +246,15 @@ def test_run_dir_is_unique_without_an_agent(monkeypatch, cells):
 
 
 def launch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(WANDB_DIR / "launch.sh"), *args], capture_output=True,
-                          text=True, cwd=ROOT, check=False, timeout=120,
-                          env=dict(os.environ, PATH=f"{Path(sys.executable).parent}:"
-                                   + os.environ["PATH"]))
+    return subprocess.run(
+        ["bash", str(WANDB_DIR / "launch.sh"), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+        timeout=120,
+        env=dict(os.environ, PATH=f"{Path(sys.executable).parent}:" + os.environ["PATH"]),
+    )
 
 
 def test_launch_dry_run_sizes_the_sweeps(cells):
@@ -236,16 +281,23 @@ def test_wandb_run_has_the_cell_and_the_config(tmp_path, monkeypatch, capsys, ce
     from nanlab.run.runner import _finish_logger, _logger
 
     cell = next(c for c in cells if c.startswith("stress="))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        {"wandb_version": 1, "cell": {"value": cell}}))
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"wandb_version": 1, "cell": {"value": cell}})
+    )
     run_id = "nl" + os.urandom(3).hex()
-    for key, value in {"WANDB_SWEEP_ID": "sweeptest", "WANDB_RUN_ID": run_id,
-                       "WANDB_SWEEP_PARAM_PATH": str(tmp_path / "params.yaml"),
-                       "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path)}.items():
+    for key, value in {
+        "WANDB_SWEEP_ID": "sweeptest",
+        "WANDB_RUN_ID": run_id,
+        "WANDB_SWEEP_PARAM_PATH": str(tmp_path / "params.yaml"),
+        "WANDB_SILENT": "true",
+        "WANDB_DIR": str(tmp_path),
+    }.items():
         monkeypatch.setenv(key, value)
     argv = agent_command(load("grid")["command"], {"cell": cell})
-    overrides = ["logger.mode=offline" if o == "logger.mode=online" else o
-                 for o in run_cell.overrides(argv[4:])]
+    overrides = [
+        "logger.mode=offline" if o == "logger.mode=online" else o
+        for o in run_cell.overrides(argv[4:])
+    ]
     cfg = hydra_cfg(*overrides)
     run_dir = tmp_path / Path(cfg.hydra.run.dir).relative_to("outputs")
     spec = spec_from_config(plain(cfg), overrides)

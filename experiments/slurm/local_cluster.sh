@@ -9,7 +9,7 @@
 #   bash experiments/slurm/local_cluster.sh env           # `export SLURM_CONF=...` for this cluster
 #
 # One node with this machine's CPUs and memory, one default partition `local`, no accounting
-# (squeue answers for finished jobs for MinJobAge seconds; src/slurm.py polls squeue when
+# (squeue answers for finished jobs for MinJobAge seconds; nanlab/sweep/slurm.py polls squeue when
 # sacct has no database), no cgroups (proctrack/linuxproc, task/none), so it runs in a
 # container. Everything it writes lives in $NANLAB_SLURM_DIR (default /tmp/nanlab-slurm);
 # it uses its own munge key and socket, so a munged or SLURM already on the machine is left

@@ -14,6 +14,7 @@ The cells come from the map's own sources: Hydra composes `experiment=nan_map` (
 hydra.sweeper node: params, mechanisms, seeds) and the configured sweeper expands them, as
 in the map's multirun. Only YAML and Hydra here, no torch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,7 @@ import nanlab.config.compose  # noqa: F401  (registers the config schemas conf/c
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = Path(__file__).with_name("grid.yaml")
-EXPERIMENT = "nan_map"          # the map whose cells the grid sweeps
+EXPERIMENT = "nan_map"  # the map whose cells the grid sweeps
 
 # The command of both sweep files: the agent puts the parameters where ${args_no_hyphens}
 # is (cell="...", as one argument), run_cell splits the cell into overrides.
@@ -39,8 +40,10 @@ COMMAND = [
     "logger=wandb",
     "logger.mode=online",
     "trainer.progress=false",
-    ("hydra.run.dir='outputs/wandb_sweeps/${oc.env:WANDB_SWEEP_ID,nosweep}/"
-     "${oc.env:WANDB_RUN_ID,${now:%Y-%m-%d_%H-%M-%S_%f}}'"),
+    (
+        "hydra.run.dir='outputs/wandb_sweeps/${oc.env:WANDB_SWEEP_ID,nosweep}/"
+        "${oc.env:WANDB_RUN_ID,${now:%Y-%m-%d_%H-%M-%S_%f}}'"
+    ),
 ]
 
 HEADER = """\
@@ -84,8 +87,9 @@ def sweeper_config(experiment: str = EXPERIMENT) -> dict:
     from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"experiment={experiment}"],
-                      return_hydra_config=True)
+        cfg = compose(
+            config_name="config", overrides=[f"experiment={experiment}"], return_hydra_config=True
+        )
     return OmegaConf.to_container(cfg.hydra.sweeper, resolve=True)
 
 
@@ -95,14 +99,13 @@ def map_cells(experiment: str = EXPERIMENT, sweeper: dict | None = None) -> list
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.utils import get_class
 
-    if str(ROOT) not in sys.path:                       # hydra_plugins, from any directory
+    if str(ROOT) not in sys.path:  # hydra_plugins, from any directory
         sys.path.insert(0, str(ROOT))
     kwargs = dict(sweeper or sweeper_config(experiment))
     cls = get_class(kwargs.pop("_target_"))
     params = kwargs.get("params") or {}
     overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
-    return [list(job) for batch in cls(**kwargs).split_arguments(overrides, None)
-            for job in batch]
+    return [list(job) for batch in cls(**kwargs).split_arguments(overrides, None) for job in batch]
 
 
 def cell_value(overrides: list[str]) -> str:
@@ -125,8 +128,11 @@ def render(cells: list[list[str]], core_axes: list[str] | tuple = ()) -> str:
     lines = [HEADER, BODY_HEAD]
     for i, (value, group) in enumerate(zip(values, groups)):
         if i == 0 or group != groups[i - 1]:
-            what = (f"the core grid: {' x '.join(core_axes) or 'hydra.sweeper.params'}"
-                    if group == "core" else f"{group}: baseline and predicted fixes x seeds")
+            what = (
+                f"the core grid: {' x '.join(core_axes) or 'hydra.sweeper.params'}"
+                if group == "core"
+                else f"{group}: baseline and predicted fixes x seeds"
+            )
             lines.append(f"      # {what} ({_run_length(groups, i)} cells)\n")
         lines.append("      " + yaml.safe_dump([value], width=10**9))
     lines.append("command:\n")
@@ -137,7 +143,7 @@ def render(cells: list[list[str]], core_axes: list[str] | tuple = ()) -> str:
         comment = COMMAND_COMMENTS.get(item)
         lines.append(f"{line:<36}# {comment}\n" if comment else line + "\n")
     text = "".join(lines)
-    sweep = yaml.safe_load(text)                         # the text says what it should
+    sweep = yaml.safe_load(text)  # the text says what it should
     assert sweep["parameters"]["cell"]["values"] == values and sweep["command"] == COMMAND
     return text
 
@@ -157,10 +163,14 @@ def _run_length(groups: list[str], start: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.wandb.make_grid",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if the file differs from what it would be")
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.wandb.make_grid", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if the file differs from what it would be",
+    )
     parser.add_argument("--out", type=Path, default=GRID, help=f"default: {GRID}")
     args = parser.parse_args(argv)
     text, n = generate()
@@ -168,8 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.exists() and args.out.read_text() == text:
             print(f"{args.out}: up to date ({n} cells)")
             return 0
-        print(f"{args.out}: out of date with the map ({n} cells); regenerate it: "
-              f".venv/bin/python -m experiments.wandb.make_grid", file=sys.stderr)
+        print(
+            f"{args.out}: out of date with the map ({n} cells); regenerate it: "
+            f".venv/bin/python -m experiments.wandb.make_grid",
+            file=sys.stderr,
+        )
         return 1
     args.out.write_text(text)
     print(f"{args.out}: {n} cells")

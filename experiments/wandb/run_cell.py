@@ -13,12 +13,13 @@ By hand, to rerun a W&B run's cell locally (CSV logger, outputs/runs/...):
 
     python -m experiments.wandb.run_cell cell="stress=masked_rows precision=bf16 ..."
 """
+
 from __future__ import annotations
 
 import os
 import sys
 
-BASE = "experiment=nan_map_base"     # the settings every job of the map runs with
+BASE = "experiment=nan_map_base"  # the settings every job of the map runs with
 ENTRY = ["-m", "src.train"]
 
 
@@ -45,9 +46,9 @@ def overrides(args: list[str]) -> list[str]:
     """The entry point's overrides: experiment=nan_map_base, the cell's, the rest; one per
     key (Hydra refuses duplicates), the cell over the rest over the base."""
     cell, rest = split_args(args)
-    chosen = {_key(o): o for o in [BASE, *rest, *cell]}      # a later one wins its key
+    chosen = {_key(o): o for o in [BASE, *rest, *cell]}  # a later one wins its key
     out: list[str] = []
-    for o in [BASE, *cell, *rest]:                           # the cell's first, for the eye
+    for o in [BASE, *cell, *rest]:  # the cell's first, for the eye
         if _key(o) in chosen:
             out.append(chosen.pop(_key(o)))
     return out

@@ -23,6 +23,7 @@ for finiteness alone. One failing seed makes the point unstable.
 `bisect_all` runs many searches in lockstep, one batch per round, which is how the sweeper
 gives the launcher every open combination's probe at once.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
@@ -44,7 +45,7 @@ def fmt(x: float) -> str:
 def grid_value(lo: float, hi: float, index: int, steps: int, digits: int = 4) -> float:
     """Point `index` of the log grid of 2^steps + 1 points from lo to hi; the ends exactly,
     the inner points to `digits` significant digits."""
-    n = 2 ** steps
+    n = 2**steps
     if index <= 0:
         return float(lo)
     if index >= n:
@@ -54,7 +55,7 @@ def grid_value(lo: float, hi: float, index: int, steps: int, digits: int = 4) ->
 
 def dense_runs(steps: int, n_seeds: int) -> int:
     """Runs of a dense log grid at the resolution of `steps` bisection steps."""
-    return (2 ** steps + 1) * n_seeds
+    return (2**steps + 1) * n_seeds
 
 
 def is_stable(statuses: Iterable[str], stable_if: Sequence[str] = STABLE_IF) -> bool:
@@ -71,8 +72,15 @@ class Bisection:
     dataclass: Hydra's plugin scan executes this module outside sys.modules, where
     dataclasses cannot resolve string annotations.)"""
 
-    def __init__(self, lo: float, hi: float, steps: int, seeds: Sequence = (0,),
-                 stable_if: Sequence[str] = STABLE_IF, digits: int = 4) -> None:
+    def __init__(
+        self,
+        lo: float,
+        hi: float,
+        steps: int,
+        seeds: Sequence = (0,),
+        stable_if: Sequence[str] = STABLE_IF,
+        digits: int = 4,
+    ) -> None:
         if not (lo > 0 and hi > lo):
             raise ValueError(f"bisection range lo={lo}, hi={hi}: need 0 < lo < hi")
         if steps < 0:
@@ -83,14 +91,14 @@ class Bisection:
         self.seeds = tuple(seeds)
         self.stable_if = tuple(stable_if)
         self.digits = int(digits)
-        self.points: dict[int, dict] = {}   # grid index -> {seed: status}
-        self.i_lo: int | None = None        # largest index known stable
-        self.i_hi: int | None = None        # smallest index known unstable
+        self.points: dict[int, dict] = {}  # grid index -> {seed: status}
+        self.i_lo: int | None = None  # largest index known stable
+        self.i_hi: int | None = None  # smallest index known unstable
         self.outcome = OPEN
 
     @property
     def n(self) -> int:
-        return 2 ** self.steps
+        return 2**self.steps
 
     @property
     def done(self) -> bool:
@@ -115,7 +123,7 @@ class Bisection:
         if self.done or index not in self.pending():
             raise ValueError(f"point {index} was not asked for (pending: {self.pending()})")
         self.points[index] = {s: statuses.get(s, "error") for s in self.seeds}
-        if self.i_hi is None:                  # round 0: wait for both ends
+        if self.i_hi is None:  # round 0: wait for both ends
             if 0 not in self.points or self.n not in self.points:
                 return
             if not self.stable(0):
@@ -154,17 +162,26 @@ class Bisection:
             "points": len(self.points),
             "runs": self.runs,
             "dense_runs": dense_runs(self.steps, len(self.seeds)),
-            "probes": [{"value": self.value(i), "index": i, "stable": self.stable(i),
-                        "statuses": {str(s): st for s, st in by_seed.items()}}
-                       for i, by_seed in sorted(self.points.items())],
+            "probes": [
+                {
+                    "value": self.value(i),
+                    "index": i,
+                    "stable": self.stable(i),
+                    "statuses": {str(s): st for s, st in by_seed.items()},
+                }
+                for i, by_seed in sorted(self.points.items())
+            ],
         }
 
 
 Evaluate = Callable[[list[tuple[int, float, Any]]], list[str]]
 
 
-def bisect_all(searches: list[Bisection], evaluate: Evaluate,
-               on_round: Callable[[int, int, int], None] | None = None) -> int:
+def bisect_all(
+    searches: list[Bisection],
+    evaluate: Evaluate,
+    on_round: Callable[[int, int, int], None] | None = None,
+) -> int:
     """Runs the searches in lockstep: each round, the pending points of every open search,
     times its seeds, go to `evaluate` as one batch of (search number, value, seed), which
     returns one status each. Returns the number of rounds."""
@@ -186,12 +203,17 @@ def bisect_all(searches: list[Bisection], evaluate: Evaluate,
         rounds += 1
 
 
-def bisect(oracle: Callable[[float, Any], str], lo: float, hi: float, steps: int,
-           seeds: Sequence = (0,), stable_if: Sequence[str] = STABLE_IF,
-           digits: int = 4) -> dict:
+def bisect(
+    oracle: Callable[[float, Any], str],
+    lo: float,
+    hi: float,
+    steps: int,
+    seeds: Sequence = (0,),
+    stable_if: Sequence[str] = STABLE_IF,
+    digits: int = 4,
+) -> dict:
     """One combination's search with `oracle(value, seed) -> status` (a test's stand-in for
     a run); the result as in frontier_bisection.json, plus `rounds`."""
     search = Bisection(lo, hi, steps, tuple(seeds), tuple(stable_if), digits)
     rounds = bisect_all([search], lambda batch: [oracle(x, s) for _, x, s in batch])
     return {**search.result(), "rounds": rounds}
-

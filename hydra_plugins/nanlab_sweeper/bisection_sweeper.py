@@ -16,12 +16,13 @@ same frontier (`force=true` reruns everything).
 At the end `<sweep dir>/frontier_bisection.json` and `.csv` give per combination the bracket,
 the largest stable value, the probes with their statuses and record paths, the runs used and
 the runs a dense grid of the same resolution would take ((2^steps + 1) points x seeds), and one
-line per combination is printed. The progress callback (src/sweep.py) shows no total for this
+line per combination is printed. The progress callback (nanlab/sweep/progress.py) shows no total for this
 sweeper: how many runs it takes depends on what the runs do (at most (2 + steps) x seeds per
 combination).
 
 Hydra plugins are imported on discovery, so nothing heavy is imported at module level.
 """
+
 from __future__ import annotations
 
 import csv
@@ -57,17 +58,27 @@ def summary_line(label: str, key: str, result: dict) -> str:
     else:
         where = f"largest stable {key}={fmt(lo)}, unstable at {fmt(hi)}"
     share = result["runs"] / result["dense_runs"]
-    return (f"frontier {label}: {where} │ {result['runs']} runs vs {result['dense_runs']} "
-            f"dense ({share:.0%})")
+    return (
+        f"frontier {label}: {where} │ {result['runs']} runs vs {result['dense_runs']} "
+        f"dense ({share:.0%})"
+    )
 
 
 class BisectionSweeper(Sweeper):
     """`hydra/sweeper=bisection` (conf/hydra/sweeper/bisection.yaml); see the module doc."""
 
-    def __init__(self, params: dict | None = None, key: str = "lr_x", lo: float = 0.03,
-                 hi: float = 30.0, steps: int = 4, seeds: Sequence = (0,),
-                 stable_if: Sequence[str] = STABLE_IF, digits: int = 4,
-                 max_batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        params: dict | None = None,
+        key: str = "lr_x",
+        lo: float = 0.03,
+        hi: float = 30.0,
+        steps: int = 4,
+        seeds: Sequence = (0,),
+        stable_if: Sequence[str] = STABLE_IF,
+        digits: int = 4,
+        max_batch_size: int | None = None,
+    ) -> None:
         super().__init__()
         self.params = dict(params or {})
         self.key = str(key)
@@ -76,14 +87,14 @@ class BisectionSweeper(Sweeper):
         self.stable_if = tuple(stable_if)
         self.digits = int(digits)
         self.max_batch_size = max_batch_size
-        Bisection(self.lo, self.hi, self.steps, tuple(self.seeds))    # checks the settings
+        Bisection(self.lo, self.hi, self.steps, tuple(self.seeds))  # checks the settings
         self.hydra_context = None
         self.config = None
         self.launcher = None
         self.job_idx = 0
         self.searches: list[Bisection] = []
         self.combinations: list[list[str]] = []
-        self.probes: dict[tuple[int, float, Any], dict] = {}   # (search, value, seed) -> run
+        self.probes: dict[tuple[int, float, Any], dict] = {}  # (search, value, seed) -> run
 
     def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
         from hydra.core.plugins import Plugins
@@ -91,16 +102,18 @@ class BisectionSweeper(Sweeper):
         self.hydra_context = hydra_context
         self.config = config
         self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config)
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
 
     # --- the combinations ---------------------------------------------------------------
 
     def split_combinations(self, arguments: list[str]) -> tuple[list[list[str]], list[str]]:
         """`params` and the command line, expanded as the basic sweeper does; and the keys
         that vary (params' keys and command-line sweeps), which name a combination."""
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
         from hydra.core.override_parser.overrides_parser import OverridesParser
         from hydra.errors import HydraException
+
+        from nanlab.sweep.basic import split_arguments
 
         lines = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
         loader = self.hydra_context.config_loader if self.hydra_context else None
@@ -110,10 +123,14 @@ class BisectionSweeper(Sweeper):
                 raise HydraException(
                     f"{o.input_line}: the bisection sweeper sets {self.key} and seed itself "
                     f"(hydra.sweeper.lo/hi/steps/seeds); leave them out of params and the "
-                    f"command line")
-        axes = [o.get_key_element() for o in overrides
-                if o.is_sweep_override() or o.get_key_element() in self.params]
-        return BasicSweeper.split_arguments(overrides, None)[0], axes
+                    f"command line"
+                )
+        axes = [
+            o.get_key_element()
+            for o in overrides
+            if o.is_sweep_override() or o.get_key_element() in self.params
+        ]
+        return split_arguments(overrides)[0], axes
 
     # --- the sweep ----------------------------------------------------------------------
 
@@ -122,23 +139,28 @@ class BisectionSweeper(Sweeper):
 
         assert self.config is not None and self.launcher is not None
         self.combinations, axes = self.split_combinations(arguments)
-        self.searches = [Bisection(self.lo, self.hi, self.steps, tuple(self.seeds),
-                                   self.stable_if, self.digits) for _ in self.combinations]
+        self.searches = [
+            Bisection(self.lo, self.hi, self.steps, tuple(self.seeds), self.stable_if, self.digits)
+            for _ in self.combinations
+        ]
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        log.info(f"bisection of {self.key} in [{fmt(self.lo)}, {fmt(self.hi)}], {self.steps} "
-                 f"steps, seeds {self.seeds}: {len(self.combinations)} combinations")
+        log.info(
+            f"bisection of {self.key} in [{fmt(self.lo)}, {fmt(self.hi)}], {self.steps} "
+            f"steps, seeds {self.seeds}: {len(self.combinations)} combinations"
+        )
         returns: list = []
 
         def evaluate(batch: list[tuple[int, float, Any]]) -> list[str]:
-            jobs = [[*self.combinations[k], f"{self.key}={fmt(x)}", f"seed={s}"]
-                    for k, x, s in batch]
+            jobs = [
+                [*self.combinations[k], f"{self.key}={fmt(x)}", f"seed={s}"] for k, x, s in batch
+            ]
             self.validate_batch_is_legal(jobs)
             size = self.max_batch_size or len(jobs)
             results = []
             for start in range(0, len(jobs), size):
-                chunk = jobs[start:start + size]
+                chunk = jobs[start : start + size]
                 self.job_idx = free_job_idx(sweep_dir, chunk, self.job_idx)
                 got = self.launcher.launch(chunk, initial_job_idx=self.job_idx)
                 self.job_idx += len(chunk)
@@ -206,26 +228,49 @@ class BisectionSweeper(Sweeper):
             for probe in result["probes"]:
                 for seed in search.seeds:
                     run = self.probes.get((k, probe["value"], seed), {})
-                    probe.setdefault("records", {})[str(seed)] = _relative(run.get("record"),
-                                                                           sweep_dir)
-            out.append({"combination": label, "overrides": list(combo),
-                        **{a: named.get(a) for a in axes}, **result})
+                    probe.setdefault("records", {})[str(seed)] = _relative(
+                        run.get("record"), sweep_dir
+                    )
+            out.append(
+                {
+                    "combination": label,
+                    "overrides": list(combo),
+                    **{a: named.get(a) for a in axes},
+                    **result,
+                }
+            )
         return out
 
     def write(self, sweep_dir: Path, axes: list[str], rounds: int) -> dict:
         results = self.results(axes, sweep_dir)
         total = sum(r["runs"] for r in results)
         dense = sum(r["dense_runs"] for r in results)
-        doc = {"key": self.key, "lo": self.lo, "hi": self.hi, "steps": self.steps,
-               "seeds": self.seeds, "stable_if": list(self.stable_if),
-               "resolution": (self.hi / self.lo) ** (1 / 2 ** self.steps),
-               "rounds": rounds, "runs": total, "dense_runs": dense,
-               "dense_grid": f"(2^{self.steps} + 1) points x {len(self.seeds)} seeds "
-                             f"per combination",
-               "combinations": results}
+        doc = {
+            "key": self.key,
+            "lo": self.lo,
+            "hi": self.hi,
+            "steps": self.steps,
+            "seeds": self.seeds,
+            "stable_if": list(self.stable_if),
+            "resolution": (self.hi / self.lo) ** (1 / 2**self.steps),
+            "rounds": rounds,
+            "runs": total,
+            "dense_runs": dense,
+            "dense_grid": f"(2^{self.steps} + 1) points x {len(self.seeds)} seeds per combination",
+            "combinations": results,
+        }
         _write_atomic(sweep_dir / f"{OUT_NAME}.json", json.dumps(doc, indent=2))
-        columns = ["combination", *axes, "outcome", "largest_stable", "smallest_unstable",
-                   "bracket_ratio", "points", "runs", "dense_runs"]
+        columns = [
+            "combination",
+            *axes,
+            "outcome",
+            "largest_stable",
+            "smallest_unstable",
+            "bracket_ratio",
+            "points",
+            "runs",
+            "dense_runs",
+        ]
         tmp = sweep_dir / f".{OUT_NAME}.csv.{os.getpid()}.tmp"
         with tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -236,9 +281,12 @@ class BisectionSweeper(Sweeper):
         for r in results:
             print(summary_line(r["combination"], self.key, r), flush=True)
         share = f" ({total / dense:.0%})" if dense else ""
-        print(f"bisection: {len(results)} combination{'s' * (len(results) != 1)}, {total} runs in {rounds} rounds vs "
-              f"{dense} for a dense grid of the same resolution{share}: "
-              f"{sweep_dir / OUT_NAME}.json", flush=True)
+        print(
+            f"bisection: {len(results)} combination{'s' * (len(results) != 1)}, {total} runs in {rounds} rounds vs "
+            f"{dense} for a dense grid of the same resolution{share}: "
+            f"{sweep_dir / OUT_NAME}.json",
+            flush=True,
+        )
         return doc
 
 

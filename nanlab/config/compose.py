@@ -1,9 +1,10 @@
 """Hydra's side of the entry points: the schemas, command-line checks, and config -> specs.
 
-Only the entry points (src/train.py, src/probe.py) and this module see Hydra; everything
-below gets the typed specs of src/specs.py. Nothing here imports torch: a typo on the
+Only the entry points (nanlab/train.py, nanlab/probe.py) and this module see Hydra; everything
+below gets the typed specs of nanlab/config/specs.py. Nothing here imports torch: a typo on the
 command line costs a fraction of a second, not the 6 s of loading torch and transformers.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
+from nanlab.config.options import REGISTRIES
 from nanlab.config.specs import OptimSpec, ProbeSpec, RunConfig, RunSpec
 from nanlab.record import config_hash
 
@@ -19,8 +21,19 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # The top-level keys that are the optimizer's (lr=1e-5 on the command line, not optim.lr=).
 OPTIM_TOP = ("lr", "warmup_steps", "clip", "max_steps", "weight_decay")
 # The config nodes that become one spec each (RunSpec's fields of the same names).
-GROUPS = ("model", "data", "precision", "softmax", "stress", "guard", "monitor", "logger",
-          "trainer", "save", "serve")
+GROUPS = (
+    "model",
+    "data",
+    "precision",
+    "softmax",
+    "stress",
+    "guard",
+    "monitor",
+    "logger",
+    "trainer",
+    "save",
+    "serve",
+)
 
 # conf/config.yaml and conf/probe.yaml start from these (their first `defaults` entry): every
 # key's default lives in the dataclass, the YAMLs list what differs.
@@ -29,6 +42,7 @@ ConfigStore.instance().store(name="probe_schema", node=ProbeSpec)
 
 
 # --- config -> specs --------------------------------------------------------------------------
+
 
 def build(cls, node: dict | None, key: str):
     """A dataclass from a config node (nested dataclass fields too); unknown keys are a
@@ -51,23 +65,28 @@ def optim_spec(cfg: dict) -> OptimSpec:
     node = dict(cfg.get("optim") or {})
     for key in node:
         if key in OPTIM_TOP:
-            raise ValueError(f"optim.{key}: unknown key (a top-level key: {key}=...); allowed: "
-                             "name, eps, betas, z_loss")
+            raise ValueError(
+                f"optim.{key}: unknown key (a top-level key: {key}=...); allowed: "
+                "name, eps, betas, z_loss"
+            )
     optim = {**{k: cfg[k] for k in OPTIM_TOP if k in cfg}, **node}
     lr_x, model = cfg.get("lr_x"), cfg.get("model") or {}
     if lr_x is not None:  # the lr as a multiple of the model's reference fine-tuning lr
         if not (isinstance(lr_x, (int, float)) and lr_x > 0):
             raise ValueError(f"lr_x={lr_x}: must be a positive number (lr = lr_x * model.ref_lr)")
         if not model.get("ref_lr"):
-            raise ValueError(f"lr_x={lr_x}: model.ref_lr is not set for model="
-                             f"{model.get('name')}; give lr= instead")
+            raise ValueError(
+                f"lr_x={lr_x}: model.ref_lr is not set for model="
+                f"{model.get('name')}; give lr= instead"
+            )
         optim["lr"] = float(lr_x) * float(model["ref_lr"])
     optim["vision_lr"] = model.get("vision_lr")
     return build(OptimSpec, optim, "optim")
 
 
-def spec_from_config(cfg: dict, overrides: list[str] | None = None,
-                     multirun: bool = False) -> RunSpec:
+def spec_from_config(
+    cfg: dict, overrides: list[str] | None = None, multirun: bool = False
+) -> RunSpec:
     """The resolved config (a plain dict) as a checked RunSpec."""
     hints = typing.get_type_hints(RunSpec)
     parts = {name: build(hints[name], cfg.get(name), name) for name in GROUPS}
@@ -102,7 +121,7 @@ def compose(config_name: str, overrides: list[str]) -> dict:
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=True)
+    return typing.cast(dict, OmegaConf.to_container(cfg, resolve=True))
 
 
 def compose_spec(*overrides: str) -> RunSpec:
@@ -111,6 +130,7 @@ def compose_spec(*overrides: str) -> RunSpec:
 
 
 # --- the command line, checked before anything heavy loads ---------------------------------------
+
 
 def validate_cli(argv: list[str], schema=RunConfig) -> str | None:
     """The first bad override, as one line naming the key and the allowed values: an unknown
@@ -133,7 +153,13 @@ def validate_cli(argv: list[str], schema=RunConfig) -> str | None:
             continue
         values = _values(override)
         if key in groups:
-            allowed = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+            # an axis's options are its registry's (conf/<axis>/ holds one YAML per option,
+            # tests/test_options.py keeps the two equal); other groups' are their YAMLs
+            allowed = (
+                sorted(REGISTRIES[key].names)
+                if key in REGISTRIES
+                else sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+            )
             for option in values:
                 if option is not None and str(option) not in allowed:
                     return f"{key}={option}: unknown option; allowed: {', '.join(allowed)}"
@@ -170,8 +196,10 @@ def _check_key(schema, key: str, values: list) -> str | None:
             where = ".".join(parts[:i])
             if not where and part == "optim":
                 return None
-            return (f"{key}: unknown key; allowed{' in ' + where if where else ''}: "
-                    f"{', '.join(sorted(fields))}")
+            return (
+                f"{key}: unknown key; allowed{' in ' + where if where else ''}: "
+                f"{', '.join(sorted(fields))}"
+            )
         parent, cls = cls, typing.get_type_hints(cls)[part]
     node = OmegaConf.structured(parent)
     for value in values:
@@ -186,9 +214,14 @@ def _kind(annotation) -> str:
     """A type as a user reads it: float | None -> a number (or null)."""
     text = str(getattr(annotation, "__name__", annotation))
     optional = "None" in text
-    for name, words in (("bool", "true or false"), ("float", "a number"), ("int", "an integer"),
-                        ("list", "a list, e.g. [a,b]"), ("dict", "a mapping"), ("str", "a string")):
+    for name, words in (
+        ("bool", "true or false"),
+        ("float", "a number"),
+        ("int", "an integer"),
+        ("list", "a list, e.g. [a,b]"),
+        ("dict", "a mapping"),
+        ("str", "a string"),
+    ):
         if text.startswith(name):
             return words + (" (or null)" if optional else "")
     return text
-

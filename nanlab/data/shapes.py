@@ -4,6 +4,7 @@ about it (shape, colour, place) or a caption (what the tiny base is pretrained o
 Every distinct sample is a key; the splits are disjoint slices of one seeded shuffle of
 the keys, so a seed and the split sizes give back the same test split anywhere (the probe).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -14,11 +15,22 @@ from PIL import Image, ImageDraw
 from nanlab.config.specs import TASKS, DataSpec
 
 SHAPES = ("circle", "square", "triangle", "diamond")
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
-           "yellow": (235, 215, 20), "purple": (140, 40, 180), "orange": (245, 135, 20)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 215, 20),
+    "purple": (140, 40, 180),
+    "orange": (245, 135, 20),
+}
 SIZES = {"small": 0.12, "large": 0.2}  # radius as a fraction of the image side
-POSITIONS = {"top left": (0.25, 0.25), "top right": (0.75, 0.25), "bottom left": (0.25, 0.75),
-             "bottom right": (0.75, 0.75), "centre": (0.5, 0.5)}
+POSITIONS = {
+    "top left": (0.25, 0.25),
+    "top right": (0.75, 0.25),
+    "bottom left": (0.25, 0.75),
+    "bottom right": (0.75, 0.75),
+    "centre": (0.5, 0.5),
+}
 BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255), "grey": (128, 128, 128)}
 QUESTIONS = {
     "shape": ("What shape is this?", "Which shape is in the image?"),
@@ -32,8 +44,15 @@ SHAPE_KEYS = list(itertools.product(SHAPES, COLOURS, SIZES, POSITIONS, BACKGROUN
 FINE_TUNING_TASKS = ("shape", "colour", "position")  # the tiny base learned "caption"
 
 
-def draw_shape(shape: str, colour: str, size: str, position: str, background: str,
-               image_size: int, rng: random.Random) -> Image.Image:
+def draw_shape(
+    shape: str,
+    colour: str,
+    size: str,
+    position: str,
+    background: str,
+    image_size: int,
+    rng: random.Random,
+) -> Image.Image:
     image = Image.new("RGB", (image_size, image_size), BACKGROUNDS[background])
     fx, fy = POSITIONS[position]
     jitter = image_size * 0.04  # a couple of pixels, so equal keys are not equal pictures
@@ -60,12 +79,20 @@ def shapes_sample(key: tuple, seed: int, image_size: int, sample_id: str) -> dic
     image = draw_shape(shape, colour, size, position, background, image_size, rng)
     question = rng.choice(QUESTIONS[kind])
     where = "the centre" if position == "centre" else f"the {position}"
-    answer = {"shape": shape, "colour": colour, "position": position,
-              "caption": f"A {size} {colour} {shape} in {where}."}[kind]
-    return {"id": sample_id, "images": [image], "messages": [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
-        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-    ]}
+    answer = {
+        "shape": shape,
+        "colour": colour,
+        "position": position,
+        "caption": f"A {size} {colour} {shape} in {where}.",
+    }[kind]
+    return {
+        "id": sample_id,
+        "images": [image],
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ],
+    }
 
 
 def shapes_splits(spec: DataSpec, seed: int) -> dict[str, list[dict]]:
@@ -74,12 +101,16 @@ def shapes_splits(spec: DataSpec, seed: int) -> dict[str, list[dict]]:
     tasks = set(spec.tasks or FINE_TUNING_TASKS)
     keys = [k for k in SHAPE_KEYS if k[-1] in tasks]
     if total > len(keys):
-        raise ValueError(f"data.num_train+num_val+num_test={total}: shapes has only "
-                         f"{len(keys)} distinct samples for tasks {sorted(tasks)}")
+        raise ValueError(
+            f"data.num_train+num_val+num_test={total}: shapes has only "
+            f"{len(keys)} distinct samples for tasks {sorted(tasks)}"
+        )
     random.Random(seed).shuffle(keys)
     splits, start = {}, 0
     for split, n in sizes.items():
-        splits[split] = [shapes_sample(k, seed, spec.image_size, f"shapes/{split}/{i}")
-                         for i, k in enumerate(keys[start:start + n])]
+        splits[split] = [
+            shapes_sample(k, seed, spec.image_size, f"shapes/{split}/{i}")
+            for i, k in enumerate(keys[start : start + n])
+        ]
         start += n
     return splits

@@ -9,10 +9,12 @@ Each observed call reads its three numbers on the host (`.item()`): on a GPU a s
 waits for the device a few times per layer. That is the price of sampling, paid every
 `every` steps, not every step.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import torch
 
@@ -45,8 +47,15 @@ class AttentionStats:
             watched = weights if weights is not None else out
             bad = (~torch.isfinite(watched)).sum().item()
         # the dtype the attention probabilities (or, for sdpa, outputs) were computed in
-        s = self.stats.setdefault(name, {"max_logit": -math.inf, "entropy": [], "nonfinite": 0,
-                                         "dtype": str(watched.dtype).replace("torch.", "")})
+        s = self.stats.setdefault(
+            name,
+            {
+                "max_logit": -math.inf,
+                "entropy": [],
+                "nonfinite": 0,
+                "dtype": str(watched.dtype).replace("torch.", ""),
+            },
+        )
         s["max_logit"] = max(s["max_logit"], top) if not math.isnan(top) else s["max_logit"]
         s["entropy"].append(ent)
         s["nonfinite"] += bad
@@ -62,9 +71,15 @@ class AttentionStats:
             attention.OBSERVERS.remove(self)
 
     def summary(self) -> dict[str, dict]:
-        return {n: {"max_logit": s["max_logit"], "nonfinite": s["nonfinite"], "dtype": s["dtype"],
-                    "entropy": float(sum(s["entropy"]) / max(len(s["entropy"]), 1))}
-                for n, s in self.stats.items()}
+        return {
+            n: {
+                "max_logit": s["max_logit"],
+                "nonfinite": s["nonfinite"],
+                "dtype": s["dtype"],
+                "entropy": float(sum(s["entropy"]) / max(len(s["entropy"]), 1)),
+            }
+            for n, s in self.stats.items()
+        }
 
 
 class SampledAttention:
@@ -79,7 +94,7 @@ class SampledAttention:
         self.max_logit: float | None = None
         self.dtype: str | None = None
         self.unread: list[tuple[int, dict]] = []  # deferred: (step, summary), not yet counted
-        self._ctx = None
+        self._ctx: Any = None
         self._step = 0
 
     def start(self, step: int) -> None:

@@ -4,6 +4,7 @@ Each function looks at one place where a non-finite value can be born and return
 (cause, detail, value) or None. The tags are record.CAUSES; `unknown` is what the monitor
 records when none of these fits (counted, never guessed).
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,10 @@ def attention_cause(query, key, mask, scaling, weights, out, num_groups: int, sa
                 b = int((bad_rows & full).nonzero()[0, 0])
                 who = sample_ids[b] if sample_ids is not None and b < len(sample_ids) else b
                 n = int(full[b].any(0).sum())
-                detail = (f"{n} query rows of sample {who} have every key masked "
-                          f"(mask {_name(mask.dtype)}, min {float(mask.min()):.3g})")
+                detail = (
+                    f"{n} query rows of sample {who} have every key masked "
+                    f"(mask {_name(mask.dtype)}, min {float(mask.min()):.3g})"
+                )
                 return ("masked_row", detail, float(n))
             logits = logits.masked_fill(masked[..., : logits.shape[-1]], float("-inf"))
         finite = logits[torch.isfinite(logits)]
@@ -62,8 +65,10 @@ def attention_cause(query, key, mask, scaling, weights, out, num_groups: int, sa
         low = ln_min(dtype)
         if row_max.numel() and float(row_max.min()) < low:
             lowest = float(row_max.min())
-            detail = (f"a softmax row's largest input {lowest:.1f} < ln(smallest "
-                      f"{_name(dtype)}) {low:.1f}: every exp() is 0, 0/0")
+            detail = (
+                f"a softmax row's largest input {lowest:.1f} < ln(smallest "
+                f"{_name(dtype)}) {low:.1f}: every exp() is 0, 0/0"
+            )
             return ("exp_underflow", detail, lowest)
     return None
 
@@ -80,8 +85,10 @@ def module_cause(inputs, output, dtype: torch.dtype):
     if any(not torch.isfinite(t).all() for t in ins):
         return None
     big = max((float(t.abs().max()) for t in ins if t.numel()), default=math.nan)
-    detail = (f"output past max {_name(dtype)} {torch.finfo(dtype).max:.6g} (inf) from "
-              f"finite inputs (largest |input| {big:.4g})")
+    detail = (
+        f"output past max {_name(dtype)} {torch.finfo(dtype).max:.6g} (inf) from "
+        f"finite inputs (largest |input| {big:.4g})"
+    )
     return ("half_overflow", detail, big)
 
 
@@ -98,8 +105,11 @@ def empty_targets_cause(batch: dict):
     if labels is None or (labels[:, 1:] != -100).any():
         return None
     ids = batch.get("sample_ids") or list(range(labels.shape[0]))
-    return ("empty_targets", f"no supervised token in the batch (samples {', '.join(map(str, ids))})",
-            0.0)
+    return (
+        "empty_targets",
+        f"no supervised token in the batch (samples {', '.join(map(str, ids))})",
+        0.0,
+    )
 
 
 def tensors(x):

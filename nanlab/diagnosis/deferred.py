@@ -24,14 +24,17 @@ to N batches (already on the device; pixel values are most of a batch), their RN
 (5 KiB each) and a few device scalars per step. The snapshot is retaken every N steps, one
 device-to-device copy of that size. sync_every=1 keeps none of it.
 """
+
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from nanlab.diagnosis.judge import params_finite
 from nanlab.diagnosis.locate import backward_context
 from nanlab.numerics.guards import SkipNonFiniteStep
 
@@ -39,27 +42,31 @@ from nanlab.numerics.guards import SkipNonFiniteStep
 @dataclass
 class KeptStep:
     """One training step, as deferred checking keeps it until its checks are read."""
+
     step: int
-    snapshot: tuple                  # (batch, CPU RNG state, progressive flag): what the
+    snapshot: tuple  # (batch, CPU RNG state, progressive flag): what the
     #                                  locate replay takes, as sync mode keeps it
     cuda_rng: torch.Tensor | None = None
-    active: bool | None = None       # progressive: the precision the step really ran in
+    active: bool | None = None  # progressive: the precision the step really ran in
     lrs: list[float] = field(default_factory=list)  # each parameter group's lr for the update
-    has_grads: bool = False          # on_before_optimizer_step ran for this step
-    loss_ok: torch.Tensor | None = None    # device: the loss before backward is finite
+    has_grads: bool = False  # on_before_optimizer_step ran for this step
+    loss_ok: torch.Tensor | None = None  # device: the loss before backward is finite
     grad_norm: torch.Tensor | None = None  # device: total gradient norm, before clipping
-    values: torch.Tensor | None = None     # device: (loss_ok, grad_norm, params_ok, loss)
-    lr: float = math.nan             # history's lr: group 0's after the scheduler stepped
-    guard_fired: int | None = None   # the guard's count at the end of the step
+    values: Any = None  # device: (loss_ok, grad_norm, params_ok, loss)
+    lr: float = math.nan  # history's lr: group 0's after the scheduler stepped
+    guard_fired: int | None = None  # the guard's count at the end of the step
+    mark: Any = None  # WeightWindow: the judge's state after the step
 
     def close(self, loss: torch.Tensor, params_ok: torch.Tensor | None) -> None:
         """Stack the step's device values into one tensor (read later in one go)."""
         one = torch.ones((), dtype=torch.float64, device=loss.device)
-        parts = [self.loss_ok if self.loss_ok is not None else one,
-                 self.grad_norm if self.grad_norm is not None else one * math.nan,
-                 params_ok if params_ok is not None else one, loss]
-        self.values = torch.stack([p.to(device=loss.device, dtype=torch.float64)
-                                   for p in parts])
+        parts = [
+            self.loss_ok if self.loss_ok is not None else one,
+            self.grad_norm if self.grad_norm is not None else one * math.nan,
+            params_ok if params_ok is not None else one,
+            loss,
+        ]
+        self.values = torch.stack([p.to(device=loss.device, dtype=torch.float64) for p in parts])
         self.loss_ok = self.grad_norm = None
 
 
@@ -93,8 +100,16 @@ class StepWindow:
         """Snapshot the training state as it is now, the start of the next step, and forget
         the kept steps. Device copies only: nothing here waits for the device."""
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.weights = [p.detach().clone() for p in self.params]
-        self.optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+        # into the last snapshot's buffers where they fit: a fresh copy of this size every
+        # N steps costs more in page faults (CPU) and allocation than the copy itself
+        old = getattr(self, "weights", None)
+        if old is not None and len(old) == len(self.params):
+            self.weights = [_copy_into(p.detach(), w) for p, w in zip(self.params, old)]
+        else:
+            self.weights = [p.detach().clone() for p in self.params]
+        self.optimizer_state = _copy_into(
+            self.optimizer.state_dict(), getattr(self, "optimizer_state", None)
+        )
         scaler = self.scaler
         self.scale = None
         if scaler is not None and scaler._scale is not None:
@@ -113,7 +128,7 @@ class StepWindow:
 
     def read(self) -> list[tuple[KeptStep, list[float]]]:
         """The unread steps and their values; the host waits for the device here, once."""
-        unread = self.kept[self.read_upto:]
+        unread = self.kept[self.read_upto :]
         self.read_upto = len(self.kept)
         if not unread:
             return []
@@ -185,8 +200,10 @@ class StepWindow:
             SkipNonFiniteStep().on_before_optimizer_step(None, None, optimizer)  # not the
             #   run's guard: its count is the live run's, put back by the monitor
         self.module.configure_gradient_clipping(
-            optimizer, gradient_clip_val=self.trainer.gradient_clip_val,
-            gradient_clip_algorithm=self.trainer.gradient_clip_algorithm)
+            optimizer,
+            gradient_clip_val=self.trainer.gradient_clip_val,
+            gradient_clip_algorithm=self.trainer.gradient_clip_algorithm,
+        )
         for group, lr in zip(optimizer.param_groups, kept.lrs):
             group["lr"] = lr
         scaler = self.scaler
@@ -203,7 +220,7 @@ class DeferredChecks:
 
     def __init__(self, monitor, trainer, pl_module):
         self.monitor = monitor
-        self.window = StepWindow(trainer, pl_module, monitor.tolerate_grads)
+        self.window = StepWindow(trainer, pl_module, monitor.judge.tolerate_grads)
         self.every = monitor.sync_every
 
     # from the monitor's hooks, every step: nothing here waits for the device
@@ -229,8 +246,7 @@ class DeferredChecks:
             loss = torch.full((), math.nan, device=pl_module.device)
         params_ok = None
         if self.monitor.spec.check_params:
-            norms = torch.stack(torch._foreach_norm(list(pl_module.parameters()))).float()
-            params_ok = torch.isfinite(norms).all()
+            params_ok = params_finite(pl_module.parameters())
         kept.close(loss, params_ok)
         boundary = (kept.step + 1) % self.every == 0
         if boundary or _logger_reads_now(trainer):
@@ -243,26 +259,34 @@ class DeferredChecks:
         monitor = self.monitor
         stop = None
         for kept, (loss_ok, grad_norm, params_ok, loss) in self.window.read():
-            self._judge(trainer, pl_module, kept, loss_ok == 1.0, grad_norm, params_ok == 1.0,
-                        loss)
-            if monitor.failure is not None:
+            self._judge(trainer, pl_module, kept, loss_ok == 1.0, grad_norm, params_ok == 1.0, loss)
+            if monitor.judge.failure is not None:
                 stop = kept.step
                 break
         monitor.attention.count_up_to(stop)  # sampled steps after a failure never ran in sync
         if stop is not None:
-            monitor.steps_done = stop + 1  # sync mode stopped after this step
+            monitor.judge.steps_done = stop + 1  # sync mode stopped after this step
             trainer.should_stop = True
             monitor.deferred = None  # nothing more to check; the kept state is let go
         elif restart:
             self.window.restart()
 
-    def _judge(self, trainer, pl_module, kept: KeptStep, loss_ok: bool, grad_norm: float,
-               params_ok: bool, loss: float) -> None:
-        """One step through sync mode's decisions, in sync mode's order (the hooks
-        on_before_backward, on_before_optimizer_step, on_train_batch_end)."""
-        monitor, t = self.monitor, kept.step
-        monitor.begin_step(kept.snapshot)
-        if monitor.loss_fails(t, loss_ok, kept.snapshot[0]):
+    def _judge(
+        self,
+        trainer,
+        pl_module,
+        kept: KeptStep,
+        loss_ok: bool,
+        grad_norm: float,
+        params_ok: bool,
+        loss: float,
+    ) -> None:
+        """One step through the judge's decisions, in sync mode's order (the hooks
+        on_before_backward, on_before_optimizer_step, on_train_batch_end). Locating goes
+        through the monitor (`fail`: the replay needs Lightning's module and plugin)."""
+        monitor, judge, t = self.monitor, self.monitor.judge, kept.step
+        judge.begin_step(kept.snapshot)
+        if judge.loss_fails(t, loss_ok, kept.snapshot[0]):
             self._rerun(kept, upto=t)
             monitor.fail(trainer, pl_module, "forward", step=t)
         elif kept.has_grads:
@@ -275,24 +299,33 @@ class DeferredChecks:
                 self._rerun(kept, upto=t, gradients=True)
                 monitor.fail(trainer, pl_module, "backward", step=t)
                 optimizer = trainer.optimizers[0]
-                monitor.note_grad_frac([p for g in optimizer.param_groups
-                                        for p in g["params"] if p.grad is not None])
+                judge.note_grad_frac(
+                    [
+                        p.grad
+                        for g in optimizer.param_groups
+                        for p in g["params"]
+                        if p.grad is not None
+                    ]
+                )
                 self.window.finish(kept)  # the poisoned update, as sync mode let it run
-                monitor.note_param_frac(pl_module)
+                judge.note_param_frac(pl_module.parameters())
             elif verdict is not None:
                 step, phase, snapshot = verdict
                 self._rerun(kept, upto=t)
                 monitor.fail(trainer, pl_module, phase, step=step, snapshot=snapshot)
-        monitor.record_step(t, loss, kept.lr)
-        if monitor.failure is not None:
+        judge.record_step(t, loss, kept.lr)
+        if judge.failure is not None:
             return
         if monitor.spec.check_params and not params_ok:
             self._rerun(kept, upto=t + 1)
-            if not monitor.params_fail(trainer, pl_module, t):
-                monitor.params_fail_unconfirmed(trainer, t)
+            if not judge.params_fail(t, list(pl_module.named_parameters())):
+                judge.params_fail_unconfirmed(t)
+            trainer.should_stop = True
             return
         if math.isfinite(loss):
-            monitor.watch_divergence(trainer, t, loss)
+            judge.watch_divergence(t, loss)
+            if judge.stop:
+                trainer.should_stop = True
 
     def _rerun(self, kept: KeptStep, upto: int, gradients: bool = False) -> None:
         self.window.rerun(upto, gradients)
@@ -300,6 +333,99 @@ class DeferredChecks:
         if guard is not None and kept.guard_fired is not None:
             # the re-run fired the guard again: back to the live count at the step's end
             guard.fired = kept.guard_fired
+
+
+class WeightWindow:
+    """Sync mode's weight check every `every` steps (monitor.PARAMS_EVERY): the steps since
+    the last good check, kept as deferred mode keeps them (a StepWindow: the snapshot of the
+    weights, optimizer state and loss scale at its start, each step's batch, RNG states,
+    precision flag and learning rates) with the judge's state after each step. When a check
+    finds a non-finite weight, `first_bad` re-runs the kept steps from the snapshot and
+    checks the weights after each: the step an every-step check would have failed. That
+    holds because a non-finite weight stays non-finite (AdamW, SGD and StableAdamW only add
+    to and scale a weight: inf and NaN survive both) until someone writes the weights.
+
+    Cost: one pass over the weights per check (not per step), and the snapshot, retaken at
+    every good check: a copy of the trainable weights and the optimizer state (~3x the
+    trainable weights' bytes, held in memory)."""
+
+    def __init__(self, trainer, pl_module, skip_nonfinite_steps: bool, every: int):
+        self.window = StepWindow(trainer, pl_module, skip_nonfinite_steps)
+        self.every = every
+        self.done: list[KeptStep] = []  # the kept steps that finished, in order
+
+    def keep(self, step: int, snapshot: tuple) -> None:
+        self.window.keep(step, snapshot)
+
+    def note_grads(self, optimizer, active) -> None:
+        kept = self.window.current
+        kept.has_grads, kept.active = True, active
+        kept.lrs = [g["lr"] for g in optimizer.param_groups]
+
+    def end_step(self, mark, guard_fired: int | None) -> None:
+        kept = self.window.current
+        kept.mark, kept.guard_fired = mark, guard_fired
+        self.done.append(kept)
+
+    @property
+    def unchecked(self) -> bool:
+        return bool(self.done)
+
+    def due(self, step: int) -> bool:
+        return (step + 1) % self.every == 0
+
+    def restart(self) -> None:
+        self.window.restart()
+        self.done = []
+
+    def first_bad(self) -> KeptStep | None:
+        """Re-run the finished kept steps from the snapshot, checking the weights after
+        each; the first step whose update left a non-finite weight (the model is left as
+        that update left it), or None. Between steps only: never inside a live step's
+        autograd graph. The RNG state and precision flag are put back afterwards."""
+        w = self.window
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state() if w.cuda else None
+        active = getattr(w.plugin, "active", None)
+        w._restore()
+        try:
+            for kept in self.done:
+                w._forward_backward(kept)
+                w.finish(kept)
+                if not bool(params_finite(w.module.parameters())):
+                    return kept
+            return None
+        finally:
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng)
+            if active is not None:
+                w.plugin.active = active
+
+
+def _copy_into(value, into):
+    """A copy of `value` (a state dict's nesting of dicts, lists and tensors), written into
+    the tensors of `into` (an earlier copy) where shape, dtype and device match."""
+    if isinstance(value, torch.Tensor):
+        if (
+            isinstance(into, torch.Tensor)
+            and into.shape == value.shape
+            and into.dtype == value.dtype
+            and into.device == value.device
+        ):
+            return into.copy_(value)
+        return value.detach().clone()
+    if isinstance(value, dict):
+        into = into if isinstance(into, dict) else {}
+        return {k: _copy_into(v, into.get(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        into = (
+            into
+            if isinstance(into, (list, tuple)) and len(into) == len(value)
+            else [None] * len(value)
+        )
+        return type(value)(_copy_into(v, i) for v, i in zip(value, into))
+    return copy.deepcopy(value)
 
 
 def _logger_reads_now(trainer) -> bool:

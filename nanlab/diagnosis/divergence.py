@@ -6,6 +6,7 @@ time, in step order.
   a row. The failure is dated to the first step of that run of steps, not to the step
   where the patience ran out.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,9 +15,9 @@ from dataclasses import dataclass
 
 @dataclass
 class Diverged:
-    first_step: int   # the first of the `patience` steps above the threshold
-    detail: str       # for the record's cause_detail
-    ratio: float      # the last loss / the lowest loss (the record's cause_value)
+    first_step: int  # the first of the `patience` steps above the threshold
+    detail: str  # for the record's cause_detail
+    ratio: float  # the last loss / the lowest loss (the record's cause_value)
 
 
 class DivergenceWatch:
@@ -25,9 +26,9 @@ class DivergenceWatch:
         self.patience = patience
         self.spike_factor = spike_factor
         self.spikes = 0
-        self.ema: float | None = None   # the moving average spikes are measured against
+        self.ema: float | None = None  # the moving average spikes are measured against
         self.min_loss = math.inf
-        self.above = 0                  # steps in a row above diverge_factor x min_loss
+        self.above = 0  # steps in a row above diverge_factor x min_loss
 
     def update(self, step: int, loss: float) -> Diverged | None:
         """Take one finite loss; return the divergence once the patience has run out."""
@@ -41,6 +42,8 @@ class DivergenceWatch:
         self.above += 1
         if self.above < self.patience:
             return None
-        detail = (f"loss {loss:.3g} > {self.diverge_factor:g} x its minimum "
-                  f"{self.min_loss:.3g} for {self.patience} steps")
+        detail = (
+            f"loss {loss:.3g} > {self.diverge_factor:g} x its minimum "
+            f"{self.min_loss:.3g} for {self.patience} steps"
+        )
         return Diverged(step - self.patience + 1, detail, loss / self.min_loss)

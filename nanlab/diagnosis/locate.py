@@ -6,10 +6,12 @@ hook on every module, and names the first module in execution order whose output
 or whose input's gradient (backward) was non-finite. The probe and the serving pass use
 `first_nonfinite_forward` on their own forwards.
 """
+
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -29,8 +31,9 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
-def first_nonfinite_forward(model, run_forward, why: list | None = None,
-                            sample_ids=None) -> tuple[str | None, str | None, object]:
+def first_nonfinite_forward(
+    model, run_forward, why: list | None = None, sample_ids=None
+) -> tuple[str | None, str | None, object]:
     """Run `run_forward()` with a forward hook on every module; return the first module (in
     completion order, so the innermost) whose output is non-finite, its dtype, and the
     forward's result. `why`, when given, receives the cause (causes.py) of that value."""
@@ -44,6 +47,7 @@ def first_nonfinite_forward(model, run_forward, why: list | None = None,
                     found.append((name, _dtype_name(bad)))
                     if why is not None:
                         why.append(causes.module_cause(args, output, bad.dtype))
+
         return fn
 
     names = {id(m): n for n, m in model.named_modules()}
@@ -56,9 +60,18 @@ def first_nonfinite_forward(model, run_forward, why: list | None = None,
             if bad is not None:
                 found.append((names[id(module)], _dtype_name(bad)))
                 if why is not None:
-                    why.append(causes.attention_cause(
-                        query, key, mask, scaling, weights, out,
-                        getattr(module, "num_key_value_groups", 1), sample_ids))
+                    why.append(
+                        causes.attention_cause(
+                            query,
+                            key,
+                            mask,
+                            scaling,
+                            weights,
+                            out,
+                            getattr(module, "num_key_value_groups", 1),
+                            sample_ids,
+                        )
+                    )
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
     attention.OBSERVERS.append(observe)
@@ -75,12 +88,13 @@ def first_nonfinite_forward(model, run_forward, why: list | None = None,
 def hooked_backward(model, run_forward, backward) -> tuple[str | None, str | None]:
     """Forward with hooks that remember each module's inputs and outputs, then backward with
     tensor hooks on them; returns the first module whose gradient went non-finite."""
-    events: list[tuple[str, str, str]] = []   # (name, which, dtype) in backward order
+    events: list[tuple[str, str, str]] = []  # (name, which, dtype) in backward order
 
     def grad_hook(name, which):
         def fn(grad):
             if not torch.isfinite(grad).all():
                 events.append((name, which, _dtype_name(grad)))
+
         return fn
 
     def fwd(name):
@@ -89,6 +103,7 @@ def hooked_backward(model, run_forward, backward) -> tuple[str | None, str | Non
                 for t in causes.tensors(xs):
                     if t.is_floating_point() and t.requires_grad:
                         t.register_hook(grad_hook(name, which))
+
         return fn
 
     handles = [m.register_forward_hook(fwd(n)) for n, m in model.named_modules() if n]
@@ -112,10 +127,10 @@ def hooked_backward(model, run_forward, backward) -> tuple[str | None, str | Non
 
 @dataclass
 class Located:
-    module: str | None    # the first module with a non-finite output or input gradient
-    dtype: str | None     # the dtype of that value
-    agrees: bool          # the replay failed too (the failure is reproducible)
-    cause: tuple | None   # causes.py's (cause, detail, value) for that value, if one fits
+    module: str | None  # the first module with a non-finite output or input gradient
+    dtype: str | None  # the dtype of that value
+    agrees: bool  # the replay failed too (the failure is reproducible)
+    cause: tuple | None  # causes.py's (cause, detail, value) for that value, if one fits
 
 
 def replay_step(pl_module, plugin, phase: str, snapshot: tuple, stats) -> Located:
@@ -136,15 +151,18 @@ def replay_step(pl_module, plugin, phase: str, snapshot: tuple, stats) -> Locate
         plugin.active = active
     why: list = []
     try:
+
         def forward():
             with plugin.train_step_context():
                 return pl_module.compute_loss(batch)
 
         with stats.active():
             if phase == "forward":
+                loss: Any
                 with torch.no_grad():
                     name, dtype, loss = first_nonfinite_forward(
-                        model, forward, why, batch.get("sample_ids"))
+                        model, forward, why, batch.get("sample_ids")
+                    )
                 agrees = not torch.isfinite(loss).all().item()
             else:
                 for p in saved:
@@ -168,7 +186,7 @@ def replay_step(pl_module, plugin, phase: str, snapshot: tuple, stats) -> Locate
 
 def backward_context(plugin):
     """The context the precision plugin runs backward in (fp32-accumulated half GEMMs on
-    CPUs without native ones: src/precision.py); none for Lightning's own plugins."""
+    CPUs without native ones: nanlab/numerics/precision.py); none for Lightning's own plugins."""
     if hasattr(plugin, "backward_context"):
         return plugin.backward_context()
     return contextlib.nullcontext()

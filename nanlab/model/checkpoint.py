@@ -18,13 +18,14 @@ LoRA runs (a peft `PeftModel`):
   `model.path=out_dir`) loads the base and attaches the adapter; without peft it loads the
   base alone. The directory is self-contained and can be moved.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-HF_DIR = "hf"              # train.py's save.hf: run_dir / "hf"
+HF_DIR = "hf"  # train.py's save.hf: run_dir / "hf"
 
 
 def is_peft(model) -> bool:
@@ -64,8 +65,10 @@ def resolve(path: str | Path) -> Path:
             return candidate
     if not path.exists():
         raise ValueError(f"checkpoint={path}: no such directory")
-    raise ValueError(f"checkpoint={path}: no config.json there or in {HF_DIR}/ (a directory "
-                     "written by save.hf=true or save_pretrained)")
+    raise ValueError(
+        f"checkpoint={path}: no config.json there or in {HF_DIR}/ (a directory "
+        "written by save.hf=true or save_pretrained)"
+    )
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -74,6 +77,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32):
 
     path = resolve(path)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        str(path), local_files_only=True, dtype=dtype)
+        str(path), local_files_only=True, dtype=dtype
+    )
     processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
     return model, processor

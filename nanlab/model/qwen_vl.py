@@ -8,6 +8,7 @@ forward hooks on the q/k projections (the vision blocks' fused qkv), so transfor
 attention code runs unchanged. A model with them is built, never from_pretrained'ed as a
 vanilla class: `load_checkpoint` builds it from the saved config and loads the saved tensors.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,11 @@ def tiny_config(spec: ModelSpec):
             num_attention_heads=spec.num_heads,
             num_key_value_heads=spec.num_kv_heads,
             max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                             "mrope_section": mrope},
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1000000.0,
+                "mrope_section": mrope,
+            },
             tie_word_embeddings=True,
         ),
         vision_config=dict(  # noqa: C408
@@ -63,29 +67,40 @@ def tiny_config(spec: ModelSpec):
     )
 
 
+def fresh_tiny(spec: ModelSpec):
+    """The tiny model as initialised from the current torch seed (qk-norm added if asked)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(spec))
+    if spec.qk_norm:
+        apply_qk_norm(model)
+    return model
+
+
 def build_model(spec: ModelSpec, seed: int):
     """The model in fp32 (precision plugins decide compute dtypes), with freezing and LoRA."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
     if spec.path is not None:
         path = Path(spec.path)
         if not (path / "config.json").is_file():
-            raise ValueError(f"model.path={spec.path}: no config.json there (a local checkpoint dir)")
+            raise ValueError(
+                f"model.path={spec.path}: no config.json there (a local checkpoint dir)"
+            )
         has_norm = has_qk_norm(path)
         if spec.qk_norm and not has_norm:
-            raise ValueError(f"model.qk_norm=true: {spec.path} was not trained with qk-norm "
-                             f"(no {QK_NORM_KEY} in its config.json); it changes the "
-                             "architecture, allowed only with a checkpoint pretrained with it")
+            raise ValueError(
+                f"model.qk_norm=true: {spec.path} was not trained with qk-norm "
+                f"(no {QK_NORM_KEY} in its config.json); it changes the "
+                "architecture, allowed only with a checkpoint pretrained with it"
+            )
         model = load_checkpoint(path)
     elif spec.init == "base":
         from nanlab.model.base import load_base
 
-        model = load_base(spec)
+        model = load_base(spec, fresh=lambda: fresh_tiny(spec), load=load_checkpoint)
     elif spec.init == "random":
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(tiny_config(spec))
-        if spec.qk_norm:
-            apply_qk_norm(model)
+        model = fresh_tiny(spec)
     else:
         raise ValueError(f"model.init={spec.init}: allowed base, random")
     model.train()  # from_pretrained returns eval mode
@@ -93,15 +108,21 @@ def build_model(spec: ModelSpec, seed: int):
     if spec.lora.r > 0:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(
-            r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-            target_modules=spec.lora.target_modules,
-        ))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=spec.lora.r,
+                lora_alpha=spec.lora.alpha,
+                lora_dropout=spec.lora.dropout,
+                target_modules=spec.lora.target_modules,
+            ),
+        )
         attach_qk_norm_hooks(model)  # onto the LoRA layers that replaced q_proj / k_proj
     return model
 
 
 # --- qk-norm (an architecture change) -------------------------------------------------------
+
 
 def _head_norm(head_dim: int):
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
@@ -118,6 +139,7 @@ def _norm_heads(norm, x: torch.Tensor, head_dim: int) -> torch.Tensor:
 def _text_hook(norm, head_dim: int):
     def hook(module, args, out):
         return _norm_heads(norm, out, head_dim)
+
     return hook
 
 
@@ -125,8 +147,15 @@ def _vision_hook(attn):
     def hook(module, args, out):
         # the fused projection's rows are q | k | v (the vision attention splits them so)
         q, k, v = out.chunk(3, dim=-1)
-        return torch.cat([_norm_heads(attn.q_norm, q, attn.head_dim),
-                          _norm_heads(attn.k_norm, k, attn.head_dim), v], dim=-1)
+        return torch.cat(
+            [
+                _norm_heads(attn.q_norm, q, attn.head_dim),
+                _norm_heads(attn.k_norm, k, attn.head_dim),
+                v,
+            ],
+            dim=-1,
+        )
+
     return hook
 
 
@@ -163,8 +192,10 @@ def attach_qk_norm_hooks(model) -> int:
         if vision:
             handles = [attn.qkv.register_forward_hook(_vision_hook(attn))]
         else:
-            handles = [attn.q_proj.register_forward_hook(_text_hook(attn.q_norm, attn.head_dim)),
-                       attn.k_proj.register_forward_hook(_text_hook(attn.k_norm, attn.head_dim))]
+            handles = [
+                attn.q_proj.register_forward_hook(_text_hook(attn.q_norm, attn.head_dim)),
+                attn.k_proj.register_forward_hook(_text_hook(attn.k_norm, attn.head_dim)),
+            ]
         attn._qk_norm_handles = handles
         n += 1
     return n
@@ -184,7 +215,8 @@ def load_checkpoint(path: str | Path):
     path = Path(path)
     if not has_qk_norm(path):
         return Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            str(path), local_files_only=True, dtype=torch.float32)
+            str(path), local_files_only=True, dtype=torch.float32
+        )
     from safetensors.torch import load_file
 
     config = Qwen2_5_VLConfig.from_pretrained(str(path), local_files_only=True)
@@ -200,9 +232,11 @@ def load_checkpoint(path: str | Path):
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if unexpected or set(missing) - tied:
-        raise ValueError(f"model.path={path}: the qk-norm checkpoint does not fit the model "
-                         f"(missing {sorted(set(missing) - tied)[:3]}, unexpected "
-                         f"{sorted(unexpected)[:3]})")
+        raise ValueError(
+            f"model.path={path}: the qk-norm checkpoint does not fit the model "
+            f"(missing {sorted(set(missing) - tied)[:3]}, unexpected "
+            f"{sorted(unexpected)[:3]})"
+        )
     model.tie_weights()
     return model.float()
 
@@ -213,20 +247,23 @@ def _checkpoint_key(key: str) -> str:
     maps back (its checkpoint conversion mapping); this is that mapping."""
     if key.startswith("visual."):
         return "model." + key
-    if key.startswith("model.") and not key.startswith(("model.language_model.",
-                                                         "model.visual.")):
-        return "model.language_model." + key[len("model."):]
+    if key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.")):
+        return "model.language_model." + key[len("model.") :]
     return key
 
 
 def apply_freezing(model, spec: ModelSpec) -> None:
     inner = model.model
     groups = {
-        "vision": (spec.freeze_vision, [p for n, p in inner.visual.named_parameters()
-                                        if not n.startswith("merger.")]),
+        "vision": (
+            spec.freeze_vision,
+            [p for n, p in inner.visual.named_parameters() if not n.startswith("merger.")],
+        ),
         "merger": (spec.freeze_merger, list(inner.visual.merger.parameters())),
-        "llm": (spec.freeze_llm, list(inner.language_model.parameters())
-                + list(model.lm_head.parameters())),
+        "llm": (
+            spec.freeze_llm,
+            list(inner.language_model.parameters()) + list(model.lm_head.parameters()),
+        ),
     }
     for frozen, params in groups.values():
         if frozen:

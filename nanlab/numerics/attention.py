@@ -6,6 +6,7 @@ otherwise). The variants know nothing of monitoring: after every attention call 
 registered function hands (module, query, key, mask, weights, output) to `OBSERVERS`,
 plain callables that the monitor adds and removes.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -15,13 +16,14 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward, repeat_kv
 
+from nanlab.config.options import SOFTMAX
 from nanlab.config.specs import MASKS, SoftmaxSpec
-from nanlab.config.specs import SOFTMAXES as VARIANTS
 
 OBSERVERS: list[Callable] = []
 
 
 # --- softmax functions: scores (with the additive mask already applied) -> probabilities ----
+
 
 def naive_softmax(scores: torch.Tensor) -> torch.Tensor:
     """exp / sum in the compute dtype, no max subtraction: overflows once a logit passes
@@ -46,8 +48,9 @@ def safe_softmax(scores: torch.Tensor, masked: torch.Tensor | None) -> torch.Ten
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = (s - row_max).exp()
     denom = e.sum(dim=-1, keepdim=True)
-    return torch.where(denom > 0, e / denom.clamp_min(torch.finfo(torch.float32).tiny),
-                       torch.zeros_like(e)).to(scores.dtype)
+    return torch.where(
+        denom > 0, e / denom.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(e)
+    ).to(scores.dtype)
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -87,6 +90,7 @@ def _variant(softmax: Callable) -> Callable:
     def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         scores = _scores(module, query, key, attention_mask, scaling)
         return _finish(module, softmax(scores, attention_mask), value, dropout)
+
     return attention
 
 
@@ -99,6 +103,7 @@ def _softcap(cap: float) -> Callable:
         if m is not None:
             capped = capped.masked_fill(m, float("-inf"))
         return torch.softmax(capped, dim=-1).to(scores.dtype)
+
     return softmax
 
 
@@ -130,44 +135,89 @@ def _fp32_qk(module, query, key, value, attention_mask, scaling, dropout=0.0, **
     return _finish(module, weights.to(value.dtype), value, dropout)
 
 
-def summed_planes_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
-                       mask_function=None, attention_mask=None, dtype=torch.float32,
-                       device="cpu", **kwargs):
+def summed_planes_mask(
+    batch_size,
+    q_length,
+    kv_length,
+    q_offset=0,
+    kv_offset=0,
+    mask_function=None,
+    attention_mask=None,
+    dtype=torch.float32,
+    device="cpu",
+    **kwargs,
+):
     """transformers' causal plane (its own `eager_mask`, no padding) plus a key-padding and
     a query-padding plane, each float-min: where two meet the sum is -inf, so a left-padded
     query row is -inf across every key, in fp32 as in bf16."""
     kw = {"mask_function": mask_function} if mask_function is not None else {}
-    causal = eager_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
-                        attention_mask=None, dtype=dtype, device=device, **kw)
+    causal = eager_mask(
+        batch_size,
+        q_length,
+        kv_length,
+        q_offset,
+        kv_offset,
+        attention_mask=None,
+        dtype=dtype,
+        device=device,
+        **kw,
+    )
     if attention_mask is None:
         return causal
     pad = ~attention_mask.bool().to(device)
     low = torch.finfo(dtype).min
     zero = torch.zeros((), dtype=dtype, device=device)
-    keys = torch.where(pad[:, None, None, kv_offset:kv_offset + kv_length], low, zero)
-    queries = torch.where(pad[:, None, q_offset:q_offset + q_length, None], low, zero)
+    keys = torch.where(pad[:, None, None, kv_offset : kv_offset + kv_length], low, zero)
+    queries = torch.where(pad[:, None, q_offset : q_offset + q_length, None], low, zero)
     return causal + keys + queries
 
 
 def _sdpa(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                  dropout=dropout, **kwargs)
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
+
+
+# --- the variants as nanlab.config.options.SOFTMAX names them: spec -> attention function ----
+
+
+def sdpa_variant(spec: SoftmaxSpec) -> Callable:
+    return _sdpa
+
+
+def eager_variant(spec: SoftmaxSpec) -> Callable:
+    return eager_attention_forward  # transformers' own: fp32-upcast torch.softmax
+
+
+def naive_variant(spec: SoftmaxSpec) -> Callable:
+    return _variant(lambda s, m: naive_softmax(s))
+
+
+def stable_variant(spec: SoftmaxSpec) -> Callable:
+    return _variant(lambda s, m: stable_softmax(s))
+
+
+def safe_variant(spec: SoftmaxSpec) -> Callable:
+    return _variant(lambda s, m: safe_softmax(s, _masked(m)))
+
+
+def softcap_variant(spec: SoftmaxSpec) -> Callable:
+    return _variant(_softcap(spec.cap))
+
+
+def zeroed_variant(spec: SoftmaxSpec) -> Callable:
+    return _zeroed
+
+
+def fp32_qk_variant(spec: SoftmaxSpec) -> Callable:
+    return _fp32_qk
 
 
 def attention_function(spec: SoftmaxSpec) -> Callable:
     """The raw (unobserved) attention function of a variant."""
-    return {
-        "sdpa": _sdpa,
-        "eager": eager_attention_forward,  # transformers' own: fp32-upcast torch.softmax
-        "naive": _variant(lambda s, m: naive_softmax(s)),
-        "stable": _variant(lambda s, m: stable_softmax(s)),
-        "safe": _variant(lambda s, m: safe_softmax(s, _masked(m))),
-        "softcap": _variant(_softcap(spec.cap)),
-        "zeroed": _zeroed,
-        "fp32_qk": _fp32_qk,
-    }[spec.name]
+    return SOFTMAX[spec.name].resolve("attention")(spec)
 
 
 def _observed(fn: Callable) -> Callable:
@@ -176,22 +226,22 @@ def _observed(fn: Callable) -> Callable:
         for observe in OBSERVERS:
             observe(module, query, key, attention_mask, scaling, weights, out)
         return out, weights
+
     return attention
 
 
 def register(spec: SoftmaxSpec, mask: str = "transformers") -> str:
     """Register the variant with transformers; returns the attn_implementation name."""
-    if spec.name not in VARIANTS:
-        raise ValueError(f"softmax={spec.name}: allowed {', '.join(VARIANTS)}")
+    option = SOFTMAX[spec.name]
     if mask not in MASKS:
         raise ValueError(f"stress.mask={mask}: allowed {', '.join(MASKS)}")
-    if spec.name == "flash":
+    if "kernel" in option.flags:
         return "flash_attention_2"  # transformers' kernel, unobserved; needs flash-attn (GPU)
-    name = f"nanlab_{spec.name}" + (f"_{spec.cap:g}" if spec.name == "softcap" else "")
+    name = f"nanlab_{spec.name}" + (f"_{spec.cap:g}" if "uses_cap" in option.flags else "")
     name += "_summed" if mask == "summed_planes" else ""
     AttentionInterface.register(name, _observed(attention_function(spec)))
     # the mask each implementation gets from transformers: boolean for sdpa, additive else
-    masks = sdpa_mask if spec.name == "sdpa" else eager_mask
+    masks = sdpa_mask if "boolean_mask" in option.flags else eager_mask
     AttentionMaskInterface.register(name, summed_planes_mask if mask == "summed_planes" else masks)
     return name
 

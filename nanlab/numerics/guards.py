@@ -6,12 +6,14 @@
 - clamp: clamp half-precision hidden states of both towers to the finite fp16 range after
   every block (what vLLM does for the Qwen2.5-VL vision tower in fp16).
 """
+
 from __future__ import annotations
 
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from nanlab.config.specs import GUARDS, GuardSpec
+from nanlab.config.options import GUARD
+from nanlab.config.specs import GuardSpec
 
 
 class SkipNonFiniteStep(Callback):
@@ -43,7 +45,8 @@ class ClampHalfHidden:
         hidden = output[0] if isinstance(output, tuple) else output
         half = hidden.dtype == torch.float16 or (
             torch.is_autocast_enabled(hidden.device.type)
-            and torch.get_autocast_dtype(hidden.device.type) == torch.float16)
+            and torch.get_autocast_dtype(hidden.device.type) == torch.float16
+        )
         if not half:
             return None
         limit = torch.finfo(torch.float16).max - 1000  # vLLM's margin
@@ -58,12 +61,16 @@ class ClampHalfHidden:
 
 
 def build_guard(spec: GuardSpec, model) -> tuple[list[Callback], object | None]:
-    """Callbacks for the trainer and the object whose `.fired` counts interventions."""
-    if spec.name not in GUARDS:
-        raise ValueError(f"guard={spec.name}: allowed {', '.join(GUARDS)}")
-    if spec.name == "skip_step":
-        cb = SkipNonFiniteStep()
-        return [cb], cb
-    if spec.name == "clamp":
-        return [], ClampHalfHidden(model)
-    return [], None
+    """Callbacks for the trainer and the object whose `.fired` counts interventions
+    (nanlab.config.options.GUARD names each option's builder below)."""
+    option = GUARD[spec.name]
+    return option.resolve("build")(model) if option.does("build") else ([], None)
+
+
+def skip_step_guard(model) -> tuple[list[Callback], SkipNonFiniteStep]:
+    cb = SkipNonFiniteStep()
+    return [cb], cb
+
+
+def clamp_guard(model) -> tuple[list[Callback], ClampHalfHidden]:
+    return [], ClampHalfHidden(model)

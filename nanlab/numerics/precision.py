@@ -10,6 +10,7 @@
   half dtype, the product is computed in fp32 and rounded once, which is what GPU tensor
   cores (and AMX) do. `precision.half_gemm=native` turns it off.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from nanlab.config.options import PRECISION
 from nanlab.config.specs import HALF_GEMMS, PrecisionSpec
 
 HALF = (torch.bfloat16, torch.float16)
@@ -30,8 +32,12 @@ class Fp32AccumulatedHalfGemm(TorchDispatchMode):
     """mm/bmm/addmm/baddbmm on half tensors: upcast, multiply in fp32, round the result
     back to the half dtype. Overflow past the half range still becomes inf."""
 
-    OPS: ClassVar[dict] = {aten.mm.default: 0, aten.bmm.default: 0, aten.addmm.default: 1,
-           aten.baddbmm.default: 1}
+    OPS: ClassVar[dict] = {
+        aten.mm.default: 0,
+        aten.bmm.default: 0,
+        aten.addmm.default: 1,
+        aten.baddbmm.default: 1,
+    }
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -120,20 +126,30 @@ class ProgressiveSwitch(Callback):
 
 
 def build_plugin(spec: PrecisionSpec, device: str) -> tuple[Precision, list[Callback]]:
-    """The Lightning precision plugin (and any callback it needs) for a precision option."""
-    spec.check()  # the spec's own rules (src/specs.py), for callers that built it by hand
-    gemm = half_gemm_mode(spec, device)
-    callbacks: list[Callback] = []
-    if spec.name == "fp32":
-        return Precision(), callbacks
-    if spec.name == "bf16":
-        plugin = CpuAwareMixed("bf16-mixed", device)
-    elif spec.name == "fp16":
-        plugin = CpuAwareMixed("16-mixed", device, scaler=torch.amp.GradScaler(device=device))
-    elif spec.name == "bf16_true":
-        plugin = CpuAwareHalf("bf16-true")
-    else:
-        plugin = ProgressiveMixed("bf16-mixed", device)
-        callbacks.append(ProgressiveSwitch(plugin, spec.switch_step))
-    plugin.half_gemm = gemm
+    """The Lightning precision plugin (and any callback it needs) for a precision option
+    (nanlab.config.options.PRECISION names each option's builder below)."""
+    spec.check()  # the spec's own rules (specs.py), for callers that built it by hand
+    plugin, callbacks = PRECISION[spec.name].resolve("plugin")(spec, device)
+    plugin.half_gemm = half_gemm_mode(spec, device)
     return plugin, callbacks
+
+
+def fp32_plugin(spec: PrecisionSpec, device: str):
+    return Precision(), []
+
+
+def bf16_plugin(spec: PrecisionSpec, device: str):
+    return CpuAwareMixed("bf16-mixed", device), []
+
+
+def fp16_plugin(spec: PrecisionSpec, device: str):
+    return CpuAwareMixed("16-mixed", device, scaler=torch.amp.GradScaler(device=device)), []
+
+
+def bf16_true_plugin(spec: PrecisionSpec, device: str):
+    return CpuAwareHalf("bf16-true"), []
+
+
+def progressive_plugin(spec: PrecisionSpec, device: str):
+    plugin = ProgressiveMixed("bf16-mixed", device)
+    return plugin, [ProgressiveSwitch(plugin, spec.switch_step)]

@@ -14,32 +14,40 @@ through computation on transformers' code path, never by writing inf or NaN anyw
   `every` batches.
 - empty_targets, pixel_range: data settings only (data.max_length, data.pixel_max).
 - lr_spike: the learning rate is multiplied by `factor` for `length` steps from `at`.
-- serving_masked_rows: nothing in training; judged on the run's test pass (src/serve.py).
+- serving_masked_rows: nothing in training; judged on the run's test pass (nanlab/run/serve.py).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
 
-from nanlab.config.specs import STRESSES, StressSpec  # noqa: F401  (this module's spec)
-from nanlab.diagnosis.monitor import AttentionStats
+from nanlab.config.options import STRESS
+from nanlab.config.specs import StressSpec
+from nanlab.diagnosis.attention_stats import AttentionStats
+
+# What each mechanism does to the run is its entry in nanlab.config.options.STRESS: a
+# `model` role (weights, calibrated on one batch), a `batch` role (a per-step transform) or an
+# `lr` role (a multiplier of the schedule); the functions below are those roles.
+
+
+def needs_model(spec: StressSpec) -> bool:
+    """The mechanism changes the weights: it needs a calibration batch (`apply_to_model`)."""
+    return STRESS[spec.name].does("model")
 
 
 @torch.no_grad()
-def apply_to_model(spec: StressSpec, model, batch: dict, compute_loss: Callable,
-                   token_id: int | None = None) -> None:
+def apply_to_model(
+    spec: StressSpec, model, batch: dict, compute_loss: Callable, token_id: int | None = None
+) -> None:
     """Weight-level stresses, calibrated on one batch so they hold whatever the init."""
-    if spec.name == "logit_growth":
-        _grow_logits(spec, model, batch, compute_loss)
-    elif spec.name == "fp16_overflow":
-        _plant_massive_activations(spec, model, batch, compute_loss, token_id)
+    option = STRESS[spec.name]
+    if option.does("model"):
+        option.resolve("model")(spec, model, batch, compute_loss, token_id)
 
 
-NEEDS_MODEL = ("logit_growth", "fp16_overflow")
-
-
-def _grow_logits(spec, model, batch, compute_loss, passes: int = 4):
+def grow_logits(spec, model, batch, compute_loss, token_id=None, passes: int = 4):
     """Scale q and k by sqrt(target / max logit) per layer. A layer's logits also depend on
     the layers before it, so repeat until every layer is within 1% of the target."""
     stats = AttentionStats(model)
@@ -47,8 +55,10 @@ def _grow_logits(spec, model, batch, compute_loss, passes: int = 4):
     for _ in range(passes):
         with stats.active():
             compute_loss(batch)
-        scales = {name: (spec.target_logit / max(s["max_logit"], 1e-6)) ** 0.5
-                  for name, s in stats.summary().items()}
+        scales = {
+            name: (spec.target_logit / max(s["max_logit"], 1e-6)) ** 0.5
+            for name, s in stats.summary().items()
+        }
         if all(abs(sc * sc - 1) < 0.01 for sc in scales.values()):
             return
         for name, scale in scales.items():
@@ -64,7 +74,7 @@ def _grow_logits(spec, model, batch, compute_loss, passes: int = 4):
                         proj.bias *= scale
 
 
-def _plant_massive_activations(spec, model, batch, compute_loss, token_id: int):
+def plant_massive_activations(spec, model, batch, compute_loss, token_id: int):
     """Sun et al.: massive activations sit on a few tokens, in a few channels, written by an
     early MLP. One intermediate unit of the first decoder MLP is pointed at the `token`'s
     MLP input (gate and up rows along it: silu(a s) * a s grows as s^2, so other tokens,
@@ -78,14 +88,14 @@ def _plant_massive_activations(spec, model, batch, compute_loss, token_id: int):
         compute_loss(batch)
     finally:
         handle.remove()
-    x = seen[0].float()                                  # (batch, seq, hidden)
+    x = seen[0].float()  # (batch, seq, hidden)
     at = batch["input_ids"] == token_id
     if not at.any():
         raise ValueError(f"stress.token={spec.token}: not in the calibration batch")
     target = x[at].mean(0)
     direction = target / target.norm()
-    scale = 20.0 / float((x[at] @ direction).mean())     # the token's gate input: about 20
-    unit = 0                                             # the unit we repurpose
+    scale = 20.0 / float((x[at] @ direction).mean())  # the token's gate input: about 20
+    unit = 0  # the unit we repurpose
     mlp.gate_proj.weight[unit] = scale * direction
     mlp.up_proj.weight[unit] = scale * direction
     act = torch.nn.functional.silu(torch.tensor(20.0)) * 20.0
@@ -94,23 +104,34 @@ def _plant_massive_activations(spec, model, batch, compute_loss, token_id: int):
 
 
 def lr_multiplier(spec: StressSpec) -> Callable[[int], float] | None:
-    if spec.name != "lr_spike":
-        return None
-    return lambda step: spec.factor if spec.at <= step < spec.at + spec.length else 1.0
+    option = STRESS[spec.name]
+    return option.resolve("lr")(spec) if option.does("lr") else None
 
 
 def batch_transform(spec: StressSpec, pad_token_id: int) -> Callable[[dict, int], dict] | None:
+    option = STRESS[spec.name]
+    return option.resolve("batch")(spec, pad_token_id) if option.does("batch") else None
+
+
+def spike_lr(spec: StressSpec) -> Callable[[int], float]:
+    """lr_spike: the schedule times `factor` for `length` steps from step `at`."""
+    return lambda step: spec.factor if spec.at <= step < spec.at + spec.length else 1.0
+
+
+def poison_padding(spec: StressSpec, pad_token_id: int) -> Callable[[dict, int], dict]:
     """grad_poison: on every `every`-th step, sample 0 gets `pad` pad tokens on the left and
     the others as many on the right, so only that one sample has fully masked query rows."""
-    if spec.name != "grad_poison":
-        return None
 
     def poison(batch: dict, step: int) -> dict:
         if step % spec.every != spec.every - 1:
             return batch
         n, out = spec.pad, dict(batch)
-        for key, value in (("input_ids", pad_token_id), ("attention_mask", 0),
-                           ("labels", -100), ("mm_token_type_ids", 0)):
+        for key, value in (
+            ("input_ids", pad_token_id),
+            ("attention_mask", 0),
+            ("labels", -100),
+            ("mm_token_type_ids", 0),
+        ):
             if key in batch:
                 t = batch[key]
                 pads = t.new_full((t.shape[0], n), value)
@@ -118,4 +139,5 @@ def batch_transform(spec: StressSpec, pad_token_id: int) -> Callable[[dict, int]
                 right = torch.cat([t[1:], pads[1:]], dim=1)
                 out[key] = torch.cat([left, right], dim=0)
         return out
+
     return poison

@@ -20,6 +20,7 @@ on a laptop in seconds. The modules, in the order the data flows:
     figures   matrix.png, frontier.png, lr_sensitivity.png;  nanmap: the appendix's nan_map.png
     markdown  report.md;  write: the pipeline, console summary, W&B
 """
+
 from .advice import ADVICE, MITIGATION_ADVICE, Advice, advice_for, range_facts
 from .cells import (
     MIN_SEEDS,

@@ -5,6 +5,7 @@
 either (the notebook does). Duplicate records of one config_hash (a rerun, a requeue): the
 newest non-interrupted one is kept.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,20 +21,77 @@ from nanlab.record import Record, find_records, read_record
 
 RECORD_FIELDS = tuple(f.name for f in fields(Record))
 EXTRA = ("record_path", "mtime")
-STR_FIELDS = ("precision", "softmax", "stress", "guard", "model", "data", "status",
-              "config_hash", "cell")
-FLOAT_FIELDS = ("lr", "lr_x", "ref_lr", "clip", "cause_value", "initial_loss", "final_loss",
-                "best_loss", "max_grad_norm", "max_attn_logit", "train_margin",
-                "nonfinite_grad_frac", "nonfinite_param_frac", "wall_time_s", "steps_per_s",
-                "peak_memory_gb", "test_wall_s")
-INT_FIELDS = ("warmup_steps", "seed", "attempt", "loss_spikes", "guard_fired", "scaler_skips",
-              "empty_target_steps", "steps_done", "max_steps", "test_samples", "test_nonfinite")
+STR_FIELDS = (
+    "precision",
+    "softmax",
+    "stress",
+    "guard",
+    "model",
+    "data",
+    "status",
+    "config_hash",
+    "cell",
+)
+FLOAT_FIELDS = (
+    "lr",
+    "lr_x",
+    "ref_lr",
+    "clip",
+    "cause_value",
+    "initial_loss",
+    "final_loss",
+    "best_loss",
+    "max_grad_norm",
+    "max_attn_logit",
+    "train_margin",
+    "nonfinite_grad_frac",
+    "nonfinite_param_frac",
+    "wall_time_s",
+    "steps_per_s",
+    "peak_memory_gb",
+    "test_wall_s",
+    *(
+        f"{what}_{when}_{tower}"
+        for what in ("rel_update", "attn_max_logit", "attn_entropy")
+        for when in ("first", "last")
+        for tower in ("vision", "text")
+    ),
+)
+INT_FIELDS = (
+    "warmup_steps",
+    "seed",
+    "attempt",
+    "loss_spikes",
+    "guard_fired",
+    "scaler_skips",
+    "empty_target_steps",
+    "steps_done",
+    "max_steps",
+    "test_samples",
+    "test_nonfinite",
+)
 NULLABLE_INT = ("first_bad_step", "switch_step")
-TEXT_FIELDS = ("phase", "module", "dtype", "cause", "cause_detail", "signal", "error",
-               "run_dir", "torch_version", "transformers_version", "device", "half_gemm",
-               "test_status", "test_module", "test_cause", "test_cause_detail",
-               "test_precision", "test_padding_side")
-LIST_FIELDS = ("overrides", "test_failing_ids", "test_failing_pads")   # JSON list strings
+TEXT_FIELDS = (
+    "phase",
+    "module",
+    "dtype",
+    "cause",
+    "cause_detail",
+    "signal",
+    "error",
+    "run_dir",
+    "torch_version",
+    "transformers_version",
+    "device",
+    "half_gemm",
+    "test_status",
+    "test_module",
+    "test_cause",
+    "test_cause_detail",
+    "test_precision",
+    "test_padding_side",
+)
+LIST_FIELDS = ("overrides", "test_failing_ids", "test_failing_pads")  # JSON list strings
 
 
 def _row(rec: Record, path: Path) -> dict:
@@ -56,6 +114,7 @@ def collect(*dirs: str | os.PathLike, progress: bool = False) -> pd.DataFrame:
     it: Iterable[Path] = paths
     if progress and paths:
         from rich.progress import track
+
         it = track(paths, description="reading records", transient=True)
     rows = [_row(read_record(p), p) for p in it]
     df = pd.DataFrame(rows, columns=[*RECORD_FIELDS, *EXTRA])
@@ -77,12 +136,14 @@ def dedupe(df: pd.DataFrame) -> pd.DataFrame:
     key = df["config_hash"].fillna("").astype(str)
     key = key.where(key != "", "<nohash>" + df["record_path"].astype(str))
     usable = (df["status"] != "interrupted").astype(int)
-    return (df.assign(_key=key, _usable=usable)
-              .sort_values(["_usable", "mtime"], kind="stable")
-              .drop_duplicates("_key", keep="last")
-              .drop(columns=["_key", "_usable"])
-              .sort_values("record_path", kind="stable")
-              .reset_index(drop=True))
+    return (
+        df.assign(_key=key, _usable=usable)
+        .sort_values(["_usable", "mtime"], kind="stable")
+        .drop_duplicates("_key", keep="last")
+        .drop(columns=["_key", "_usable"])
+        .sort_values("record_path", kind="stable")
+        .reset_index(drop=True)
+    )
 
 
 def _json_text(x, empty: str) -> str:
@@ -127,8 +188,9 @@ def normalize_results(df: pd.DataFrame) -> pd.DataFrame:
     for c in NULLABLE_INT:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
     df["normalize"] = df["normalize"].map(_to_bool).astype(bool)
-    df["replay_agrees"] = df["replay_agrees"].astype(object).where(df["replay_agrees"].notna(),
-                                                                   None)
+    df["replay_agrees"] = (
+        df["replay_agrees"].astype(object).where(df["replay_agrees"].notna(), None)
+    )
     for c in TEXT_FIELDS:
         df[c] = df[c].astype(object).where(df[c].notna(), None)
     df["config"] = [_json_text(x, "{}") for x in df["config"]]
@@ -142,7 +204,7 @@ def _to_bool(x) -> bool:
     if isinstance(x, str):
         return x.strip().lower() in ("true", "1", "yes")
     if x is None or (isinstance(x, float) and math.isnan(x)):
-        return True   # the Record default
+        return True  # the Record default
     return bool(x)
 
 

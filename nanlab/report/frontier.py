@@ -8,6 +8,7 @@ lr_x (the lr as a multiple of the model's reference lr; lr where a record has no
     monotone   False when max_ok >= min_failed (a failure at or below a clean lr)
     test_fails the lr_x values whose cell was finite in training, non-finite at test time
 """
+
 from __future__ import annotations
 
 import json
@@ -30,21 +31,21 @@ FRONTIER_RULE = (
     "seed went non-finite or diverged; `monotone` is false when a failure comes at or below "
     "a clean lr_x. lr_x is the lr as a multiple of the model's reference lr (`lr` is used "
     "where a record has no lr_x). Both are training outcomes; the last column lists the lr_x "
-    "whose cell was finite in training but non-finite at test time (its served test split).")
+    "whose cell was finite in training but non-finite at test time (its served test split)."
+)
 
 
 @dataclass
 class Line:
     precision: str
     softmax: str
-    context: str                 # other settings of this line, when core cells differ
-    axis: str                    # lr_x or lr
+    context: str  # other settings of this line, when core cells differ
+    axis: str  # lr_x or lr
     points: list[tuple[float, Cell]] = field(default_factory=list)
 
     @property
     def label(self) -> str:
-        return f"{self.precision} · {self.softmax}" + (f" ({self.context})"
-                                                       if self.context else "")
+        return f"{self.precision} · {self.softmax}" + (f" ({self.context})" if self.context else "")
 
     @property
     def max_ok(self) -> float | None:
@@ -82,21 +83,28 @@ def lines(cells: list[Cell]) -> list[Line]:
     common = json.loads(rests.most_common(1)[0][0])
     groups: dict[str, list[Cell]] = {}
     for c in core:
-        key = json.dumps({k: v for k, v in c.config.items() if k not in LR_KEYS},
-                         sort_keys=True, default=str)
+        key = json.dumps(
+            {k: v for k, v in c.config.items() if k not in LR_KEYS}, sort_keys=True, default=str
+        )
         groups.setdefault(key + c.precision + c.softmax, []).append(c)
     out = []
     for g in groups.values():
         c0 = g[0]
         axis = "lr_x" if all(c.lr_x is not None for c in g) else "lr"
-        ctx = " ".join(f"{k}={get(c0.config, k)}" for k in differing_keys(common,
-                                                                          _rest(c0.config)))
+        ctx = " ".join(f"{k}={get(c0.config, k)}" for k in differing_keys(common, _rest(c0.config)))
         line = Line(c0.precision, c0.softmax, ctx, axis)
-        line.points = sorted(((c.lr_x if axis == "lr_x" else c.lr, c) for c in g),
-                             key=lambda xc: xc[0])
+        line.points = sorted(
+            ((float(c.lr_x if axis == "lr_x" else c.lr), c) for c in g),  # type: ignore[arg-type]
+            key=lambda xc: xc[0],
+        )
         out.append(line)
-    out.sort(key=lambda ln: (_order(ln.precision, PRECISION_ORDER),
-                             _order(ln.softmax, SOFTMAX_ORDER), ln.context))
+    out.sort(
+        key=lambda ln: (
+            _order(ln.precision, PRECISION_ORDER),
+            _order(ln.softmax, SOFTMAX_ORDER),
+            ln.context,
+        )
+    )
     return out
 
 
@@ -112,12 +120,33 @@ def fmt_lr(x: float | None) -> str:
 
 
 def frontier_frame(ls: list[Line]) -> pd.DataFrame:
-    rows = [{"precision": ln.precision, "softmax": ln.softmax, "context": ln.context,
-             "axis": ln.axis, "values": " ".join(fmt_lr(x) for x, _ in ln.points),
-             "max_ok": ln.max_ok, "min_failed": ln.min_failed, "monotone": ln.monotone,
-             "seeds": " ".join(f"{c.n_ok}/{c.n_seeds}" for _, c in ln.points),
-             "test_fails": " ".join(fmt_lr(x) for x in ln.test_fails)}
-            for ln in ls]
-    return pd.DataFrame(rows, columns=["precision", "softmax", "context", "axis", "values",
-                                       "max_ok", "min_failed", "monotone", "seeds",
-                                       "test_fails"])
+    rows = [
+        {
+            "precision": ln.precision,
+            "softmax": ln.softmax,
+            "context": ln.context,
+            "axis": ln.axis,
+            "values": " ".join(fmt_lr(x) for x, _ in ln.points),
+            "max_ok": ln.max_ok,
+            "min_failed": ln.min_failed,
+            "monotone": ln.monotone,
+            "seeds": " ".join(f"{c.n_ok}/{c.n_seeds}" for _, c in ln.points),
+            "test_fails": " ".join(fmt_lr(x) for x in ln.test_fails),
+        }
+        for ln in ls
+    ]
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "precision",
+            "softmax",
+            "context",
+            "axis",
+            "values",
+            "max_ok",
+            "min_failed",
+            "monotone",
+            "seeds",
+            "test_fails",
+        ],
+    )

@@ -9,6 +9,7 @@ Two cells "differ in one setting only" when their configs are equal everywhere e
 the keys an override list touches: a group override (softmax=sdpa) touches the whole group
 subtree, a dotted key that leaf. The seed is never compared.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,7 +79,7 @@ def same_value(a, b) -> bool:
     if a is None or b is None:
         return a is b
     if isinstance(a, (str, int, float)) and isinstance(b, (str, int, float)):
-        return str(a) == str(b)     # "16" and 16: Hydra would have read them alike
+        return str(a) == str(b)  # "16" and 16: Hydra would have read them alike
     return a == b
 
 
@@ -109,6 +110,7 @@ def updated(base: Sequence[str], changes: Sequence[str]) -> list[str]:
 
 def _without(config: dict, paths: Iterable[tuple[str, ...]]) -> dict:
     """A deep copy of config with the subtrees at `paths` removed."""
+
     def strip(node, todo):
         if not isinstance(node, dict):
             return node
@@ -120,6 +122,7 @@ def _without(config: dict, paths: Iterable[tuple[str, ...]]) -> dict:
             sub = [p[1:] for p in todo if len(p) > 1 and p[0] == k]
             out[k] = strip(v, sub) if sub else v
         return out
+
     return strip(config or {}, [tuple(p) for p in paths])
 
 
@@ -160,8 +163,7 @@ def flatten(config: dict, prefix: str = "") -> dict[str, object]:
         if isinstance(v, dict):
             if "name" in v:
                 out[name] = v["name"]
-            for kk, vv in flatten({x: y for x, y in v.items() if x != "name"},
-                                  name + ".").items():
+            for kk, vv in flatten({x: y for x, y in v.items() if x != "name"}, name + ".").items():
                 out[kk] = vv
         else:
             out[name] = v

@@ -4,6 +4,7 @@ Rows precision x softmax, columns lr_x (lr where a record has none); a panel for
 combination of the settings (stress, guard, warmup, data.*, ...) that differ between cells.
 Each panel shows only its own rows and columns, so no panel is empty.
 """
+
 from __future__ import annotations
 
 import os
@@ -76,25 +77,29 @@ def draw_map(cells: list[Cell], path: str | os.PathLike, title: str | None = Non
     axis = lr_axis(cells)
     fkeys = facet_keys(cells)
     leaves = {c.key: _leaves(c) for c in cells}
-    mode = {k: Counter(repr(leaves[c.key].get(k)) for c in cells).most_common(1)[0][0]
-            for k in fkeys}
+    mode = {
+        k: Counter(repr(leaves[c.key].get(k)) for c in cells).most_common(1)[0][0] for k in fkeys
+    }
     panels: dict[tuple, list[Cell]] = {}
     for c in cells:
         panels.setdefault(tuple(repr(leaves[c.key].get(k)) for k in fkeys), []).append(c)
+
     def n_off(f: tuple) -> int:
         return sum(v != mode[k] for k, v in zip(fkeys, f))
 
-    order = sorted(panels, key=lambda f: (n_off(f) > 0,
-                                          str(leaves[panels[f][0].key].get("stress")),
-                                          n_off(f), f))
+    order = sorted(
+        panels,
+        key=lambda f: (n_off(f) > 0, str(leaves[panels[f][0].key].get("stress")), n_off(f), f),
+    )
 
-    def x_of(c: Cell) -> float:
-        return c.lr_x if axis == "lr_x" else c.lr
+    def x_of(c: Cell) -> float:  # the axis is lr_x only where every cell has one
+        return c.lr_x if axis == "lr_x" else c.lr  # type: ignore[return-value]
 
     def title_of(f: tuple) -> str:
         lv = leaves[panels[f][0].key]
-        parts = [f"{k}={_fmt(lv.get(k))}" for k, v in zip(fkeys, f)
-                 if v != mode[k] or k == "stress"]
+        parts = [
+            f"{k}={_fmt(lv.get(k))}" for k, v in zip(fkeys, f) if v != mode[k] or k == "stress"
+        ]
         lines, cur = [], ""
         for part in parts:
             if cur and len(cur) + len(part) > 34:
@@ -104,16 +109,28 @@ def draw_map(cells: list[Cell], path: str | os.PathLike, title: str | None = Non
                 cur = f"{cur}  {part}".strip()
         return "\n".join([*lines, cur]) if cur or lines else "(defaults)"
 
-    rows_of = {f: sorted({(c.precision, c.softmax) for c in panels[f]},
-                         key=lambda k: (_order(k[0], PRECISION_ORDER),
-                                        _order(k[1], SOFTMAX_ORDER))) for f in order}
+    rows_of = {
+        f: sorted(
+            {(c.precision, c.softmax) for c in panels[f]},
+            key=lambda k: (_order(k[0], PRECISION_ORDER), _order(k[1], SOFTMAX_ORDER)),
+        )
+        for f in order
+    }
     cols_of = {f: sorted({x_of(c) for c in panels[f]}) for f in order}
-    cw, rh, label_w, gap_w, max_w = 0.55, 0.26, 1.05, 0.3, 16.0
+    # max_w: 14.3 in = 1,573 px at 110 dpi, read without scaling at the README's 1,600 px
+    cw, rh, label_w, gap_w, max_w = 0.55, 0.26, 1.05, 0.3, 14.3
     titles = {f: title_of(f) for f in order}
-    box_w = {f: label_w + max(len(cols_of[f]) * cw,
-                              0.058 * max(len(t) for t in titles[f].split("\n")) - label_w / 2,
-                              0.6) + gap_w for f in order}
-    grid: list[list] = [[]]          # flow layout: panels left to right, wrapped at max_w
+    box_w = {
+        f: label_w
+        + max(
+            len(cols_of[f]) * cw,
+            0.058 * max(len(t) for t in titles[f].split("\n")) - label_w / 2,
+            0.6,
+        )
+        + gap_w
+        for f in order
+    }
+    grid: list[list] = [[]]  # flow layout: panels left to right, wrapped at max_w
     for f in order:
         if grid[-1] and sum(box_w[g] for g in grid[-1]) + box_w[f] > max_w:
             grid.append([])
@@ -122,7 +139,7 @@ def draw_map(cells: list[Cell], path: str | os.PathLike, title: str | None = Non
     row_h = [max(len(rows_of[f]) for f in g) * rh for g in grid]
     top, gap_h = 0.75, 0.4
     w = max(max(sum(box_w[f] for f in g) for g in grid) + 0.2, 6.0)
-    bottom = 0.7 if w >= 9 else 0.9          # a narrow figure: the legend in two rows
+    bottom = 0.7 if w >= 9 else 0.9  # a narrow figure: the legend in two rows
     h = top + bottom + sum(row_h) + sum(head_h) + gap_h * (len(grid) - 1)
     fig = _figure(w, h)
     y = h - top
@@ -139,35 +156,71 @@ def draw_map(cells: list[Cell], path: str | os.PathLike, title: str | None = Non
             look = {(c.precision, c.softmax, x_of(c)): c for c in panels[f]}
             for ri, (p, s) in enumerate(rk):
                 for xi, x in enumerate(xs):
-                    c = look.get((p, s, x))
-                    if c is None:
+                    hit = look.get((p, s, x))
+                    if hit is None:
                         continue
+                    c = hit
                     color, label = _state(c)
                     ax.add_patch(_rect(xi, ri, color))
-                    ax.text(xi, ri, label, ha="center", va="center", fontsize=5.8,
-                            color="white" if _lum(color) < 0.5 else "black")
+                    ax.text(
+                        xi,
+                        ri,
+                        label,
+                        ha="center",
+                        va="center",
+                        fontsize=5.8,
+                        color="white" if _lum(color) < 0.5 else "black",
+                    )
             ax.set_xticks(range(len(xs)))
             ax.set_xticklabels([fmt_lr(x) for x in xs], fontsize=6)
             ax.set_yticks(range(len(rk)))
             ax.set_yticklabels([f"{p} · {s}" for p, s in rk], fontsize=6)
             ax.tick_params(length=1.5, pad=1.5)
             ax.set_title(titles[f], fontsize=6.5, pad=3, fontweight="bold")
-    fig.text(0.5, 1 - 0.12 / h, title or "Appendix: every cell of the map", ha="center",
-             va="top", fontsize=10, fontweight="bold")
-    fig.text(0.5, 1 - 0.36 / h, f"{len(cells)} cells; columns {axis}; label: seeds failed "
-             "k/n @ median first bad step (ok / stalled: seeds ok / stalled; test: seeds "
-             "non-finite at test time / served)", ha="center", va="top", fontsize=7,
-             color="#333333")
-    handles = [Patch(facecolor=STATE_COLORS[s], edgecolor="#707070", label=lab)
-               for s, lab in (("ok", "ok (>= 2/3 seeds)"), ("stalls", "finite, not trained"),
-                              (TEST_FAILS, TEST_FAILS_TEXT), ("nonfinite", "non-finite"),
-                              ("diverged", "diverged"), ("mixed", "mixed seeds"))]
-    fig.legend(handles=handles, loc="lower center", ncol=6 if w >= 9 else 3, fontsize=7,
-               frameon=False, bbox_to_anchor=(0.5, 0.01))
+    fig.text(
+        0.5,
+        1 - 0.12 / h,
+        title or "Appendix: every cell of the map",
+        ha="center",
+        va="top",
+        fontsize=10,
+        fontweight="bold",
+    )
+    fig.text(
+        0.5,
+        1 - 0.36 / h,
+        f"{len(cells)} cells; columns {axis}; label: seeds failed "
+        "k/n @ median first bad step (ok / stalled: seeds ok / stalled; test: seeds "
+        "non-finite at test time / served)",
+        ha="center",
+        va="top",
+        fontsize=7,
+        color="#333333",
+    )
+    handles = [
+        Patch(facecolor=STATE_COLORS[s], edgecolor="#707070", label=lab)
+        for s, lab in (
+            ("ok", "ok (>= 2/3 seeds)"),
+            ("stalls", "finite, not trained"),
+            (TEST_FAILS, TEST_FAILS_TEXT),
+            ("nonfinite", "non-finite"),
+            ("diverged", "diverged"),
+            ("mixed", "mixed seeds"),
+        )
+    ]
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=6 if w >= 9 else 3,
+        fontsize=7,
+        frameon=False,
+        bbox_to_anchor=(0.5, 0.01),
+    )
     fig.savefig(path)
     return fig
 
 
 def _rect(x: int, y: int, color: str):
     from matplotlib.patches import Rectangle
+
     return Rectangle((x - 0.5, y - 0.5), 1, 1, facecolor=color, edgecolor="white", lw=0.8)

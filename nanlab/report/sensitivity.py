@@ -19,6 +19,7 @@ override it names maps to an advice id (advice.MITIGATION_ADVICE).
 Wortsman et al. take l* as the curve's own best over lr; that variant is `sensitivity_own`
 (= sensitivity - (best - l*)). Only families with >= MIN_LRS lr_x values count.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,8 @@ from .match import flatten, get
 MIN_LRS = 3
 FINITE = ("ok", "stalled")
 SKIP = ("lr", "lr_x", "seed")
-CONTEXT = ("model", "data", "max_steps", "batch_size")   # what a group holds fixed
-GROUPS = ("model", "data", "softmax", "guard", "monitor", "logger")   # Hydra config groups
+CONTEXT = ("model", "data", "max_steps", "batch_size")  # what a group holds fixed
+GROUPS = ("model", "data", "softmax", "guard", "monitor", "logger")  # Hydra config groups
 UNSET = "<unset>"
 
 SENSITIVITY_RULE = (
@@ -60,16 +61,18 @@ SENSITIVITY_RULE = (
     "loss at every lr tried, ℓ₀ − ℓ* a family that never trained. Lower ranks first; only "
     f"families with at least {MIN_LRS} lr_x values count, and a family's mean is over its "
     "own grid. **Seeds' range**: the sensitivity of each seed alone, min–max; a family whose "
-    "range overlaps the first-ranked one's is not told apart from it by these seeds.")
+    "range overlaps the first-ranked one's is not told apart from it by these seeds."
+)
 
 
 @dataclass
 class Point:
     """One lr_x of a family: its seeds that are evidence."""
+
     x: float
-    finals: list[float] = field(default_factory=list)   # finite runs' final losses
-    failed: list[float] = field(default_factory=list)   # failed runs' l0 (where counted)
-    ell0s: list[float] = field(default_factory=list)    # every evidence run's l0
+    finals: list[float] = field(default_factory=list)  # finite runs' final losses
+    failed: list[float] = field(default_factory=list)  # failed runs' l0 (where counted)
+    ell0s: list[float] = field(default_factory=list)  # every evidence run's l0
     n_ok: int = 0
     by_seed: dict[int, float] = field(default_factory=dict)  # min(the seed's loss, its l0)
 
@@ -95,13 +98,13 @@ class Point:
 @dataclass
 class Family:
     precision: str
-    context: str                 # the group's other settings, where groups differ
-    label: str                   # "none", "optim.z_loss=0.0001", ...
-    advice: str                  # advice id(s) the label's overrides test ("" for none)
-    axis: str                    # lr_x or lr
+    context: str  # the group's other settings, where groups differ
+    label: str  # "none", "optim.z_loss=0.0001", ...
+    advice: str  # advice id(s) the label's overrides test ("" for none)
+    axis: str  # lr_x or lr
     config: dict
     points: list[Point] = field(default_factory=list)
-    n_no_evidence: int = 0       # error / interrupted runs
+    n_no_evidence: int = 0  # error / interrupted runs
     ell_star: float | None = None
     rank: int | None = None
 
@@ -143,8 +146,9 @@ class Family:
         seeds = set.intersection(*(set(p.by_seed) for p in self.points))
         if len(seeds) < 2:
             return None
-        per_seed = [statistics.fmean(p.by_seed[s] - self.ell_star for p in self.points)
-                    for s in seeds]
+        per_seed = [
+            statistics.fmean(p.by_seed[s] - self.ell_star for p in self.points) for s in seeds
+        ]
         return min(per_seed), max(per_seed)
 
     @property
@@ -230,11 +234,23 @@ def families(df: pd.DataFrame) -> list[Family]:
         config = run_config(row)
         if (get(config, "stress") or row["stress"] or "none") != "none":
             continue
-        if not config:   # a record without its config: the swept axes stand in
-            config = {a: row[a] for a in ("precision", "softmax", "warmup_steps", "clip",
-                                          "normalize", "guard", "model", "data")}
-        key = json.dumps({k: v for k, v in config.items() if k not in SKIP}, sort_keys=True,
-                         default=str)
+        if not config:  # a record without its config: the swept axes stand in
+            config = {
+                a: row[a]
+                for a in (
+                    "precision",
+                    "softmax",
+                    "warmup_steps",
+                    "clip",
+                    "normalize",
+                    "guard",
+                    "model",
+                    "data",
+                )
+            }
+        key = json.dumps(
+            {k: v for k, v in config.items() if k not in SKIP}, sort_keys=True, default=str
+        )
         runs.setdefault(key, []).append((row, config))
     if not runs:
         return []
@@ -248,15 +264,27 @@ def families(df: pd.DataFrame) -> list[Family]:
         context = " ".join(f"{k}={s[k]}" for k in differ if _is_context(k))
         over = [f"{k}={s.get(k, UNSET)}" for k in differ if not _is_context(k)]
         ids = list(dict.fromkeys(a for o in over if (a := advice_for(*o.split("=", 1)))))
-        fam = Family(precision=str(get(rs[0][1], "precision") or rs[0][0]["precision"]),
-                     context=context, label=" ".join(over) or "none", advice="+".join(ids),
-                     axis="lr_x" if all(not _isnull(r["lr_x"]) for r, _ in rs) else "lr",
-                     config=json.loads(key))
+        fam = Family(
+            precision=str(get(rs[0][1], "precision") or rs[0][0]["precision"]),
+            context=context,
+            label=" ".join(over) or "none",
+            advice="+".join(ids),
+            axis="lr_x" if all(not _isnull(r["lr_x"]) for r, _ in rs) else "lr",
+            config=json.loads(key),
+        )
         _fill(fam, [r for r, _ in rs])
         out.append(fam)
     _rank(out)
-    return sorted(out, key=lambda f: (_order(f.precision, PRECISION_ORDER), f.context,
-                                      f.rank is None, f.rank or 0, f.label))
+    return sorted(
+        out,
+        key=lambda f: (
+            _order(f.precision, PRECISION_ORDER),
+            f.context,
+            f.rank is None,
+            f.rank or 0,
+            f.label,
+        ),
+    )
 
 
 def _finite(x) -> bool:
@@ -272,7 +300,7 @@ def _fill(fam: Family, rows: list[dict]) -> None:
             fam.n_no_evidence += 1
             continue
         x = float(r[fam.axis])
-        x = float(f"{x:.12g}")          # one point per lr, float noise aside
+        x = float(f"{x:.12g}")  # one point per lr, float noise aside
         p = points.setdefault(x, Point(x))
         ell0 = float(r["initial_loss"]) if _finite(r["initial_loss"]) else fallback
         p.ell0s.append(ell0)
@@ -285,8 +313,7 @@ def _fill(fam: Family, rows: list[dict]) -> None:
             loss = ell0
         if not _isnull(r.get("seed")):
             p.by_seed[int(r["seed"])] = min(loss, ell0)
-    fam.points = sorted((p for p in points.values() if not math.isnan(p.loss)),
-                        key=lambda p: p.x)
+    fam.points = sorted((p for p in points.values() if not math.isnan(p.loss)), key=lambda p: p.x)
 
 
 def _rank(fams: list[Family]) -> None:
@@ -300,9 +327,10 @@ def _rank(fams: list[Family]) -> None:
         star = min(f.best.loss for f in g)
         for f in g:
             f.ell_star = star
-        vals = sorted(round(f.sensitivity, 12) for f in g)
+        # counted families (f.counts) have a sensitivity
+        vals = sorted(round(f.sensitivity, 12) for f in g)  # type: ignore[arg-type]
         for f in g:
-            f.rank = 1 + vals.index(round(f.sensitivity, 12))
+            f.rank = 1 + vals.index(round(f.sensitivity, 12))  # type: ignore[arg-type]
 
 
 def tied_with_first(fs: list[Family]) -> list[Family]:
@@ -311,8 +339,11 @@ def tied_with_first(fs: list[Family]) -> list[Family]:
     first = fs[0].seed_range
     if first is None:
         return []
-    return [f for f in fs[1:] if f.seed_range is not None
-            and f.seed_range[0] <= first[1] and first[0] <= f.seed_range[1]]
+    return [
+        f
+        for f in fs[1:]
+        if f.seed_range is not None and f.seed_range[0] <= first[1] and first[0] <= f.seed_range[1]
+    ]
 
 
 def counted(fams: list[Family]) -> list[Family]:
@@ -333,9 +364,11 @@ def ranking_lines(fams: list[Family], top: int | None = None) -> list[str]:
     for g, fs in by_group(fams).items():
         shown = fs[:top] if top else fs
         more = len(fs) - len(shown)
-        lines.append(f"{g} (ℓ* {fs[0].ell_star:.4g}): " + ", ".join(
-            f"{f.rank}. {f.name} {f.sensitivity:.3g}" for f in shown)
-            + (f", +{more} more" if more > 0 else ""))
+        lines.append(
+            f"{g} (ℓ* {fs[0].ell_star:.4g}): "
+            + ", ".join(f"{f.rank}. {f.name} {f.sensitivity:.3g}" for f in shown)
+            + (f", +{more} more" if more > 0 else "")
+        )
     return lines
 
 
@@ -345,10 +378,32 @@ def untested_advice(fams: list[Family]) -> list[str]:
     return [a for a in dict.fromkeys(a for _, _, a in MITIGATION_ADVICE) if a not in seen]
 
 
-COLUMNS = ["precision", "context", "mitigation", "advice", "axis", "lr_min", "lr_max", "n_lr",
-           "lr_values", "runs", "failed_runs", "no_evidence_runs", "sensitivity",
-           "sensitivity_own", "best_loss", "best_lr", "ell_star", "ell0", "max_all_ok",
-           "rank", "counts", "seed_sensitivity_min", "seed_sensitivity_max", "losses"]
+COLUMNS = [
+    "precision",
+    "context",
+    "mitigation",
+    "advice",
+    "axis",
+    "lr_min",
+    "lr_max",
+    "n_lr",
+    "lr_values",
+    "runs",
+    "failed_runs",
+    "no_evidence_runs",
+    "sensitivity",
+    "sensitivity_own",
+    "best_loss",
+    "best_lr",
+    "ell_star",
+    "ell0",
+    "max_all_ok",
+    "rank",
+    "counts",
+    "seed_sensitivity_min",
+    "seed_sensitivity_max",
+    "losses",
+]
 
 
 def sensitivity_frame(fams: list[Family]) -> pd.DataFrame:
@@ -356,20 +411,34 @@ def sensitivity_frame(fams: list[Family]) -> pd.DataFrame:
     rows = []
     for f in fams:
         b = f.best if f.points else None
-        rows.append({
-            "precision": f.precision, "context": f.context, "mitigation": f.label,
-            "advice": f.advice, "axis": f.axis, "lr_min": min(f.xs, default=None),
-            "lr_max": max(f.xs, default=None), "n_lr": len(f.points),
-            "lr_values": " ".join(fmt_lr(x) for x in f.xs), "runs": f.n_runs,
-            "failed_runs": f.n_failed, "no_evidence_runs": f.n_no_evidence,
-            "sensitivity": f.sensitivity, "sensitivity_own": f.sensitivity_own,
-            "best_loss": b.loss if b else None, "best_lr": b.x if b else None,
-            "ell_star": f.ell_star,
-            "ell0": statistics.median([e for p in f.points for e in p.ell0s])
-            if f.points else None,
-            "max_all_ok": f.max_all_ok, "rank": f.rank, "counts": f.counts,
-            "seed_sensitivity_min": f.seed_range[0] if f.seed_range else None,
-            "seed_sensitivity_max": f.seed_range[1] if f.seed_range else None,
-            "losses": json.dumps({fmt_lr(p.x): round(p.loss, 6) for p in f.points}),
-        })
+        rows.append(
+            {
+                "precision": f.precision,
+                "context": f.context,
+                "mitigation": f.label,
+                "advice": f.advice,
+                "axis": f.axis,
+                "lr_min": min(f.xs, default=None),
+                "lr_max": max(f.xs, default=None),
+                "n_lr": len(f.points),
+                "lr_values": " ".join(fmt_lr(x) for x in f.xs),
+                "runs": f.n_runs,
+                "failed_runs": f.n_failed,
+                "no_evidence_runs": f.n_no_evidence,
+                "sensitivity": f.sensitivity,
+                "sensitivity_own": f.sensitivity_own,
+                "best_loss": b.loss if b else None,
+                "best_lr": b.x if b else None,
+                "ell_star": f.ell_star,
+                "ell0": statistics.median([e for p in f.points for e in p.ell0s])
+                if f.points
+                else None,
+                "max_all_ok": f.max_all_ok,
+                "rank": f.rank,
+                "counts": f.counts,
+                "seed_sensitivity_min": f.seed_range[0] if f.seed_range else None,
+                "seed_sensitivity_max": f.seed_range[1] if f.seed_range else None,
+                "losses": json.dumps({fmt_lr(p.x): round(p.loss, 6) for p in f.points}),
+            }
+        )
     return pd.DataFrame(rows, columns=COLUMNS)

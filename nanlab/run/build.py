@@ -1,23 +1,26 @@
-"""One build path, specs -> parts, for both entry points: a training run (src/runner.py)
-and the test-time probe (src/probe.py) get their processor, model, attention variant,
+"""One build path, specs -> parts, for both entry points: a training run (nanlab/run/runner.py)
+and the test-time probe (nanlab/probe.py) get their processor, model, attention variant,
 mechanism and precision plugin from here, so a probe sees the model exactly as training
 built it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from nanlab.config.specs import DataSpec, ModelSpec, PrecisionSpec, SoftmaxSpec, StressSpec
 
 
 @dataclass
 class Parts:
-    processor: object
-    model: object                  # Qwen2_5_VLForConditionalGeneration (or a peft wrapper)
-    plugin: object                 # the Lightning precision plugin
-    device: str                    # cpu | cuda
-    batch_transform: Callable | None = None  # stress=grad_poison's per-step padding
+    processor: Any
+    model: Any  # Qwen2_5_VLForConditionalGeneration (or a peft wrapper)
+    plugin: Any  # the Lightning precision plugin
+    device: str  # cpu | cuda
+    batch_transform: Callable | None = None  # a mechanism's per-step batch transform
+    lr_multiplier: Callable | None = None  # a mechanism's multiplier of the lr schedule
     precision_callbacks: list = field(default_factory=list)  # progressive's switch
 
     @property
@@ -35,10 +38,20 @@ def pick_device(requested: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build_parts(model: ModelSpec, data: DataSpec, softmax: SoftmaxSpec, stress: StressSpec,
-                precision: PrecisionSpec, seed: int, device: str) -> Parts:
-    """Processor, model with the attention variant plugged in, and the precision plugin.
-    Weight-level mechanisms need a batch to calibrate on: `plant_stress` once one exists."""
+def build_parts(
+    model: ModelSpec,
+    data: DataSpec,
+    softmax: SoftmaxSpec,
+    stress: StressSpec,
+    precision: PrecisionSpec,
+    seed: int,
+    device: str,
+    first_batch: Callable[[Parts], dict] | None = None,
+) -> Parts:
+    """Processor, model with the attention variant plugged in and the mechanism planted, and
+    the precision plugin. A mechanism that changes the weights (its `model` role in
+    nanlab.config.options.STRESS) is calibrated on one batch so it holds whatever the init:
+    `first_batch(parts)` gives it (the run's first training batch, the probe's first)."""
     from nanlab.model.processing import load_processor
     from nanlab.model.qwen_vl import build_model
     from nanlab.numerics import attention
@@ -49,17 +62,32 @@ def build_parts(model: ModelSpec, data: DataSpec, softmax: SoftmaxSpec, stress: 
     built = build_model(model, seed)
     attention.apply(built, softmax, stress.mask)
     plugin, callbacks = precisions.build_plugin(precision, device)
-    return Parts(processor=processor, model=built, plugin=plugin, device=device,
-                 batch_transform=stresses.batch_transform(stress,
-                                                          processor.tokenizer.pad_token_id),
-                 precision_callbacks=callbacks)
+    parts = Parts(
+        processor=processor,
+        model=built,
+        plugin=plugin,
+        device=device,
+        batch_transform=stresses.batch_transform(stress, processor.tokenizer.pad_token_id),
+        lr_multiplier=stresses.lr_multiplier(stress),
+        precision_callbacks=callbacks,
+    )
+    if stresses.needs_model(stress):
+        if first_batch is None:
+            raise ValueError(
+                f"stress={stress.name}: changes the weights and is calibrated on "
+                "a batch; build_parts needs first_batch"
+            )
+        _plant(parts, stress, first_batch(parts))
+    return parts
 
 
-def plant_stress(parts: Parts, stress: StressSpec, batch: dict, compute_loss: Callable) -> None:
-    """logit_growth and fp16_overflow change the weights, calibrated on one batch so they
-    hold whatever the init; the other mechanisms live in the data, mask or schedule."""
+def _plant(parts: Parts, stress: StressSpec, batch: dict) -> None:
+    """Calibrated in fp32 on the forward of one batch (only the forward's statistics
+    matter, so the objective's extra terms, e.g. z-loss, do not)."""
+    from nanlab.loss import supervised_loss
     from nanlab.numerics import stress as stresses
 
-    if stress.name in stresses.NEEDS_MODEL:
-        token_id = parts.processor.tokenizer.convert_tokens_to_ids(stress.token)
-        stresses.apply_to_model(stress, parts.model, batch, compute_loss, token_id)
+    token_id = parts.processor.tokenizer.convert_tokens_to_ids(stress.token)
+    stresses.apply_to_model(
+        stress, parts.model, batch, lambda b: supervised_loss(parts.model, b), token_id
+    )

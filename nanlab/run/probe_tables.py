@@ -1,8 +1,9 @@
 """The probe's tables for people: the per-job summary and a sweep's combined verdict
-(which setting makes each failing sample finite). Reads what src/probe.py wrote; no torch.
+(which setting makes each failing sample finite). Reads what nanlab/probe.py wrote; no torch.
 
     python -m src.probe --combine outputs/probe_sweeps/<time>
 """
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from nanlab.record import short
 
-TABLE = "samples"            # samples.parquet / samples.csv in each job's dir
+TABLE = "samples"  # samples.parquet / samples.csv in each job's dir
 SETTINGS = "probe.json"
 AXES = ("precision", "softmax", "padding_side", "stress")  # what a probe sweep varies
 
@@ -43,27 +44,39 @@ def print_summary(table, settings: dict, show: int = 20) -> None:
 
     console = _console()
     n, bad = len(table), int(table["nonfinite"].sum())
-    cell = " ".join(f"{k}={settings[k]}" for k in ("precision", "softmax", "padding_side",
-                                                   "stress"))
-    console.print(f"[bold]probe[/bold] {settings['checkpoint']} ({settings['split']}, "
-                  f"{n} samples, batch_size={settings['batch_size']}): {cell}")
+    cell = " ".join(
+        f"{k}={settings[k]}" for k in ("precision", "softmax", "padding_side", "stress")
+    )
+    console.print(
+        f"[bold]probe[/bold] {settings['checkpoint']} ({settings['split']}, "
+        f"{n} samples, batch_size={settings['batch_size']}): {cell}"
+    )
     colour = "red" if bad else "green"
     console.print(f"[{colour}]{bad} of {n} samples non-finite[/{colour}]")
     console.print(settings["verdict"], markup=False)
     disagree = table["batch_nonfinite"].notna() & (
-        table["batch_nonfinite"].astype(bool) != table["nonfinite"].astype(bool))
+        table["batch_nonfinite"].astype(bool) != table["nonfinite"].astype(bool)
+    )
     if disagree.any():
-        console.print(f"[yellow]{int(disagree.sum())} samples differ between the batched "
-                      "forward and the row alone[/yellow]")
+        console.print(
+            f"[yellow]{int(disagree.sum())} samples differ between the batched "
+            "forward and the row alone[/yellow]"
+        )
     failing = table[table["nonfinite"].astype(bool)]
     if bad:
         by_module = Table(title="first non-finite module")
         for col in ("module", "tower", "layer", "part", "dtype", "samples"):
             by_module.add_column(col)
         groups = failing.assign(m=failing["first_module"].map(short)).fillna(
-            {"first_dtype": "-", "first_part": "logits"})
-        counts = groups.groupby(["m", "first_tower", "first_layer", "first_part", "first_dtype"],
-                                dropna=False).size().sort_values(ascending=False)
+            {"first_dtype": "-", "first_part": "logits"}
+        )
+        counts = (
+            groups.groupby(
+                ["m", "first_tower", "first_layer", "first_part", "first_dtype"], dropna=False
+            )
+            .size()
+            .sort_values(ascending=False)
+        )
         for (m, tower, layer, part, dtype), count in counts.items():
             layer = "-" if layer is None or math.isnan(layer) else str(int(layer))
             by_module.add_row(m, str(tower), layer, str(part), str(dtype), str(count))
@@ -79,17 +92,22 @@ def print_summary(table, settings: dict, show: int = 20) -> None:
     console.print(by_prop)
     if bad:
         listed = Table(title=f"non-finite samples (first {min(show, bad)} of {bad})")
-        for col in ("id", "num_pad", "seq_len", "image tokens", "first module",
-                    "max attn logit"):
+        for col in ("id", "num_pad", "seq_len", "image tokens", "first module", "max attn logit"):
             listed.add_column(col)
         for _, r in failing.head(show).iterrows():
-            listed.add_row(str(r["id"]), str(r["num_pad"]), str(r["seq_len"]),
-                           str(r["n_image_tokens"]), short(r["first_module"]),
-                           f"{r['max_attn_logit']:.4g}")
+            listed.add_row(
+                str(r["id"]),
+                str(r["num_pad"]),
+                str(r["seq_len"]),
+                str(r["n_image_tokens"]),
+                short(r["first_module"]),
+                f"{r['max_attn_logit']:.4g}",
+            )
         console.print(listed)
 
 
 # --- combining a sweep --------------------------------------------------------------------
+
 
 def collect(sweep_dir: str | Path):
     """Every job's table under sweep_dir, with its settings as columns (one long table)."""
@@ -117,18 +135,20 @@ def combine(sweep_dir: str | Path, quiet: bool = False):
     sweep_dir = Path(sweep_dir)
     long = collect(sweep_dir)
     varied = [a for a in AXES if long[a].nunique() > 1] or ["softmax"]
-    long["setting"] = long[varied].apply(
-        lambda r: " ".join(f"{a}={r[a]}" for a in varied), axis=1)
+    long["setting"] = long[varied].apply(lambda r: " ".join(f"{a}={r[a]}" for a in varied), axis=1)
     long.to_parquet(sweep_dir / "combined.parquet", index=False)
     bad = long["nonfinite"].astype(bool)
     failing_ids = sorted(long.loc[bad, "id"].unique())
     # True: finite under that setting; empty: the sample was not in that job
-    wide = (long.assign(finite=~bad)[long["id"].isin(failing_ids)]
-            .pivot_table(index="id", columns="setting", values="finite", aggfunc="all")
-            .reindex(failing_ids))
+    wide = (
+        long.assign(finite=~bad)[long["id"].isin(failing_ids)]
+        .pivot_table(index="id", columns="setting", values="finite", aggfunc="all")
+        .reindex(failing_ids)
+    )
     settings = list(wide.columns)
     wide["finite_under"] = wide.apply(
-        lambda r: "; ".join(s for s in settings if r[s] == 1) or "none", axis=1)
+        lambda r: "; ".join(s for s in settings if r[s] == 1) or "none", axis=1
+    )
     wide.to_csv(sweep_dir / "fixes.csv")
     if not quiet:
         _print_combined(long, wide, settings, failing_ids)
@@ -145,8 +165,12 @@ def _print_combined(long, wide, settings, failing_ids) -> None:
         t.add_column(col)
     for s in settings if failing_ids else jobs.index:
         fixed = int(wide[s].eq(True).sum()) if failing_ids else 0
-        t.add_row(s, str(jobs.loc[s, "samples"]), str(int(jobs.loc[s, "nonfinite"])),
-                  f"{fixed} of {len(failing_ids)}")
+        t.add_row(
+            s,
+            str(jobs.loc[s, "samples"]),
+            str(int(jobs.loc[s, "nonfinite"])),
+            f"{fixed} of {len(failing_ids)}",
+        )
     console.print(t)
     if failing_ids:
         per = Table(title="failing samples: the settings that make them finite")

@@ -1,15 +1,14 @@
-"""One run, plain Python: specs -> parts (src/build.py) -> Lightning fit -> one outcome record.
+"""One run, plain Python: specs -> parts (nanlab/run/build.py) -> Lightning fit -> one outcome record.
 
 `run(spec, run_dir)` is what `python -m src.train` calls for every cell, and what tests,
 the benchmark and the replay call directly. It never raises for a failing run: every failure
 is a record (status, cause, where), written to run_dir/record.json.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import os
 import signal
 import sys
 import time
@@ -18,7 +17,9 @@ import warnings
 from pathlib import Path
 
 from nanlab.config.specs import RunSpec
-from nanlab.record import Record, hashed_config, write_record
+from nanlab.record import Record, write_record
+
+log = logging.getLogger(__name__)
 
 # Lightning notes that do not apply here: the module's batch hook is meant to win over the
 # datamodule's; the pytree deprecation is Lightning's own.
@@ -30,6 +31,7 @@ warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
 
 # --- one run ----------------------------------------------------------------------------
 
+
 def _logger(spec: RunSpec, run_dir: Path):
     if spec.logger.name == "none":
         return False
@@ -37,33 +39,39 @@ def _logger(spec: RunSpec, run_dir: Path):
         from lightning.pytorch.loggers import CSVLogger
 
         return CSVLogger(save_dir=str(run_dir), name="csv")
+    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     # mode goes to wandb.init directly: no WANDB_MODE env var leaks into later jobs.
-    return WandbLogger(save_dir=str(run_dir), project=spec.logger.project,
-                       entity=spec.logger.entity, mode=spec.logger.mode,
-                       name=run_dir.name, tags=list(spec.logger.tags), config=spec.config)
+    # silent: W&B's banner, run history and summary (~35 lines a run) stay in its run dir
+    # (files/wandb-summary.json, the .wandb history, logs/); trainer.verbose=true prints them.
+    logger = WandbLogger(
+        save_dir=str(run_dir),
+        project=spec.logger.project,
+        entity=spec.logger.entity,
+        mode=spec.logger.mode,
+        name=run_dir.name,
+        tags=list(spec.logger.tags),
+        config=spec.config,
+        settings=wandb.Settings(silent=not spec.trainer.verbose),
+    )
+    # Lightning passes anonymous=None, which W&B 0.2x+ warns about even when silent
+    logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 def base_record(spec: RunSpec, run_dir: Path) -> Record:
+    """The spec's record (Record.from_spec) and where it runs: versions and device."""
     import torch
     import transformers
 
-    return Record(
-        precision=spec.precision.name, softmax=spec.softmax.name, lr=float(spec.optim.lr),
-        warmup_steps=spec.optim.warmup_steps, clip=float(spec.optim.clip),
-        normalize=spec.data.normalize, stress=spec.stress.name, guard=spec.guard.name,
-        model=spec.model.name, data=spec.data.name, seed=spec.seed,
-        max_steps=spec.optim.max_steps, config_hash=spec.config_hash, cell=spec.cell,
-        config=hashed_config(spec.config), ref_lr=spec.model.ref_lr,
-        lr_x=spec.optim.lr / spec.model.ref_lr if spec.model.ref_lr else None,
-        train_margin=spec.monitor.train_margin,
-        switch_step=spec.precision.switch_step if spec.precision.name == "progressive" else None,
-        attempt=int(os.environ.get("SLURM_RESTART_COUNT") or 0) + 1,
-        overrides=spec.overrides, run_dir=str(run_dir), torch_version=torch.__version__,
-        transformers_version=transformers.__version__,
-        device=torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name(),
+    record = Record.from_spec(spec, run_dir)
+    record.torch_version, record.transformers_version = (
+        torch.__version__,
+        transformers.__version__,
     )
+    record.device = torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name()
+    return record
 
 
 def _cpu_name() -> str:
@@ -101,8 +109,11 @@ def run(spec: RunSpec, run_dir: str | Path, extra_callbacks: list | None = None)
     # the trainer and logger as soon as they exist: an interrupt inside fit still needs them
     made: dict = {}
     # Lightning composes its own SIGTERM handler with this one (it calls both).
-    previous = {sig: signal.signal(sig, raise_interrupted)
-                for sig in (signal.SIGTERM, signal.SIGINT)} if main_thread() else {}
+    previous = (
+        {sig: signal.signal(sig, raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
+        if main_thread()
+        else {}
+    )
     try:
         with quiet(spec.multirun and not spec.trainer.verbose):
             _fit(spec, run_dir, record, extra_callbacks, made)
@@ -133,50 +144,90 @@ def _fit(spec: RunSpec, run_dir: Path, record: Record, extra_callbacks, made: di
 
     from nanlab.data.datamodule import NanDataModule
     from nanlab.diagnosis.monitor import build_callbacks
-    from nanlab.numerics import stress
-    from nanlab.run.build import build_parts, pick_device, plant_stress
+    from nanlab.diagnosis.regime import RegimeWatch
+    from nanlab.run.build import build_parts, pick_device
     from nanlab.run.module import NanLabModule
 
+    route_lightning_logs()
     L.seed_everything(spec.seed, workers=True, verbose=False)
     device = pick_device(spec.trainer.accelerator)
     if device == "cpu" and spec.trainer.cpu_threads:
         torch.set_num_threads(spec.trainer.cpu_threads)
-    parts = build_parts(spec.model, spec.data, spec.softmax, spec.stress, spec.precision,
-                        spec.seed, device)
-    data = NanDataModule(spec.data, parts.processor, spec.batch_size, spec.seed)
-    module = NanLabModule(parts.model, spec.optim, stress.lr_multiplier(spec.stress),
-                          parts.batch_transform)
-    if spec.stress.name in stress.NEEDS_MODEL:
+    made_data: dict = {}
+
+    def first_batch(parts):  # a weight-level mechanism calibrates on the first batch
+        data = made_data["data"] = NanDataModule(
+            spec.data, parts.processor, spec.batch_size, spec.seed
+        )
         data.setup("fit")
-        calib = module.transform(next(iter(data.train_dataloader())), step=0)
-        plant_stress(parts, spec.stress, calib, module.compute_loss)
+        batch = next(iter(data.train_dataloader()))
+        return parts.batch_transform(batch, 0) if parts.batch_transform else batch
+
+    parts = build_parts(
+        spec.model,
+        spec.data,
+        spec.softmax,
+        spec.stress,
+        spec.precision,
+        spec.seed,
+        device,
+        first_batch,
+    )
+    data = made_data.get("data") or NanDataModule(
+        spec.data, parts.processor, spec.batch_size, spec.seed
+    )
+    module = NanLabModule(parts.model, spec.optim, parts.lr_multiplier, parts.batch_transform)
     record.half_gemm = parts.half_gemm
     # the monitor before the guard: it must see the gradients skip_step drops (check_order)
     checks, monitor, guard = build_callbacks(spec.monitor, spec.guard, parts.model)
     # progressive's switch first: the monitor's snapshot of a step (for its replay) must see
     # the precision the step runs in, also at the switch step itself
     callbacks = [*parts.precision_callbacks, *checks, *(extra_callbacks or [])]
+    # the regime at the first and last step (relative update size, attention logits and
+    # entropy per tower): read-only, after the monitor and the guard
+    regime = RegimeWatch(parts.model, spec.optim.max_steps - 1) if spec.monitor.enabled else None
+    callbacks += [regime] if regime is not None else []
     logger = made["logger"] = _logger(spec, run_dir)
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if spec.save.checkpoint:
-        callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
-                                         every_n_train_steps=max(spec.optim.max_steps // 4, 1)))
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=str(run_dir / "checkpoints"),
+                save_last=True,
+                every_n_train_steps=max(spec.optim.max_steps // 4, 1),
+            )
+        )
+    bar = spec.trainer.progress and not spec.multirun  # a sweep shows cells done instead
+    if bar:
+        callbacks.append(steps_bar())
     val_every = spec.trainer.val_every
     trainer = made["trainer"] = L.Trainer(
-        accelerator=device, devices=spec.trainer.devices, strategy=spec.trainer.strategy,
-        plugins=[parts.plugin], max_steps=spec.optim.max_steps, callbacks=callbacks,
-        logger=logger, default_root_dir=str(run_dir),
-        gradient_clip_val=spec.optim.clip or None, gradient_clip_algorithm="norm",
-        val_check_interval=val_every or None, check_val_every_n_epoch=None,
-        limit_val_batches=1.0 if val_every else 0, num_sanity_val_steps=0,
+        accelerator=device,
+        devices=spec.trainer.devices,
+        strategy=spec.trainer.strategy,
+        plugins=[parts.plugin],
+        max_steps=spec.optim.max_steps,
+        callbacks=callbacks,
+        logger=logger,
+        default_root_dir=str(run_dir),
+        gradient_clip_val=spec.optim.clip or None,
+        gradient_clip_algorithm="norm",
+        val_check_interval=val_every or None,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1.0 if val_every else 0,
+        num_sanity_val_steps=0,
         enable_checkpointing=spec.save.checkpoint,
-        # a sweep's cells print one line each (src/sweep.py shows progress instead)
-        enable_progress_bar=spec.trainer.progress and not spec.multirun,
-        log_every_n_steps=spec.trainer.log_every, enable_model_summary=False,
+        enable_progress_bar=bar,
+        log_every_n_steps=spec.trainer.log_every,
+        enable_model_summary=False,
     )
+    if spec.logger.name == "wandb" and not spec.trainer.verbose:  # W&B prints it otherwise
+        log.info("W&B run dir: %s (`wandb sync` uploads it)", logger.experiment.dir)
     trainer.fit(module, datamodule=data, ckpt_path=spec.ckpt_path)
     _fill_outcome(record, trainer, monitor, guard)
+    if regime is not None:
+        regime.fill(record)
     if monitor.failing_batch is not None:
         torch.save(dict(monitor.failing_batch.items()), run_dir / "failing_batch.pt")
     if spec.save.hf and record.status == "ok":
@@ -187,10 +238,53 @@ def _fit(spec: RunSpec, run_dir: Path, record: Record, extra_callbacks, made: di
         # the symptom users report: finite in training, NaN on some test samples served
         from nanlab.run.serve import serve_test
 
-        for key, value in serve_test(module.model, parts.processor, data.test, spec.serve,
-                                     spec.data, record.half_gemm).items():
+        for key, value in serve_test(
+            module.model, parts.processor, data.test, spec.serve, spec.data, record.half_gemm
+        ).items():
             setattr(record, key, value)
     _write_history(monitor, run_dir)
+
+
+def steps_bar():
+    """Lightning's Rich bar counting optimizer steps out of max_steps (Lightning's own counts
+    batches per epoch under "Epoch 0/-2": max_epochs is -1 when max_steps ends the run)."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    class StepsBar(RichProgressBar):
+        @property
+        def total_train_batches(self):
+            return self.trainer.max_steps
+
+        def _get_train_description(self, current_epoch: int) -> str:
+            return "step"
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if self.train_progress_bar_id is None:  # one bar for the run, not one an epoch
+                super().on_train_epoch_start(trainer, pl_module)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            self._update(self.train_progress_bar_id, trainer.global_step)
+            self.refresh()
+
+    return StepsBar()
+
+
+def route_lightning_logs() -> None:
+    """Lightning's INFO lines ("GPU available", the litlogger tip, "`Trainer.fit` stopped")
+    go to the `lightning` logger's own console handler and, propagated, to Hydra's console
+    again: printed twice. Where the root logger has handlers (Hydra's job logging: the job's
+    log file, a console for warnings), drop Lightning's own console so they go there once."""
+    import lightning  # noqa: F401  (its import adds the handler: first)
+
+    if not logging.getLogger().hasHandlers():
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            if type(h) is logging.StreamHandler:  # a console, not a file
+                lg.removeHandler(h)
+        lg.propagate = True
 
 
 @contextlib.contextmanager
@@ -202,8 +296,10 @@ def quiet(enabled: bool):
         return
     import lightning.pytorch  # noqa: F401  (its import sets its loggers to INFO: first)
 
-    loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch",
-                                               "lightning.fabric", "lightning_fabric")]
+    loggers = [
+        logging.getLogger(n)
+        for n in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric")
+    ]
     levels = [lg.level for lg in loggers]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -223,38 +319,10 @@ def main_thread() -> bool:
 
 
 def _fill_outcome(record: Record, trainer, monitor, guard) -> None:
-    h = monitor.history
-    finite = [x for x in h.loss if math.isfinite(x)]
-    record.steps_done = monitor.steps_done  # deferred checks may have run past a failure
-    record.initial_loss = finite[0] if finite else None
-    record.final_loss = finite[-1] if finite else None
-    record.best_loss = min(finite) if finite else None
-    record.max_grad_norm = monitor.max_grad_norm
-    record.max_attn_logit = monitor.max_attn_logit
-    record.loss_spikes = monitor.spikes
-    record.scaler_skips = monitor.scaler_skips
-    record.guard_fired = getattr(guard, "fired", 0)
-    record.steps_per_s = round(len(h.step) / max(time.time() - monitor.started, 1e-9), 3)
+    """The outcome fields: the monitor's judge fills them (judge.StepJudge.fill_record, the
+    one definition, shared with the transformers callback)."""
+    monitor.fill_record(record)
     record.peak_memory_gb = round(_peak_memory_gb(), 3)
-    record.empty_target_steps = monitor.empty_steps
-    f = monitor.failure or monitor.empty  # empty targets: a NaN loss, the run went on
-    if f is None:
-        record.status = "ok" if _trained(record) else "stalled"
-        record.dtype = monitor.attn_dtype
-        return
-    record.status = f.status
-    record.cause, record.cause_detail, record.cause_value = f.cause, f.cause_detail, f.cause_value
-    record.nonfinite_grad_frac, record.nonfinite_param_frac = f.grad_frac, f.param_frac
-    record.first_bad_step = f.step
-    if f.status == "nonfinite" and f is monitor.failure:
-        record.steps_done = f.step  # steps 0..k-1 finished finite; step k broke
-    record.phase, record.module, record.dtype = f.phase, f.module, f.dtype
-    record.replay_agrees = f.replay_agrees
-
-
-def _trained(record: Record) -> bool:
-    first, last = record.initial_loss, record.final_loss
-    return first is not None and last is not None and last < first * (1 - record.train_margin)
 
 
 def _peak_memory_gb() -> float:
@@ -268,10 +336,7 @@ def _peak_memory_gb() -> float:
 
 
 def _write_history(monitor, run_dir: Path) -> None:
-    h = monitor.history
-    lines = ["step,loss,grad_norm,lr"] + [
-        f"{s},{lo},{g},{lr}" for s, lo, g, lr in zip(h.step, h.loss, h.grad_norm, h.lr)]
-    (run_dir / "history.csv").write_text("\n".join(lines) + "\n")
+    (run_dir / "history.csv").write_text(monitor.judge.history_csv())
 
 
 def _finish_logger(logger, record: Record) -> None:
@@ -283,7 +348,6 @@ def _finish_logger(logger, record: Record) -> None:
         from lightning.pytorch.loggers import WandbLogger
 
         if isinstance(logger, WandbLogger):
-
             exp = logger.experiment
             exp.summary.update(record.summary())
             exp.tags = tuple(exp.tags or ()) + (record.status,)
@@ -292,5 +356,3 @@ def _finish_logger(logger, record: Record) -> None:
             logger.finalize(record.status)
     except Exception as e:  # noqa: BLE001 - the record is already written
         print(f"warning: could not finish the logger: {e}", file=sys.stderr)
-
-

@@ -22,8 +22,9 @@ states come from `squeue` where `sacct` has no accounting database (submitit pol
 and warned on every poll); a task that ended without a result (time limit, scancel, node
 failure) is collected from its record instead of failing the whole sweep, and reported here
 through `note`; and the progress line and the summary show the tasks' SLURM states (pending,
-running, requeued, completed, timeout, ...), which src/slurm.py keeps.
+running, requeued, completed, timeout, ...), which nanlab/sweep/slurm.py keeps.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,9 +43,16 @@ from hydra.experimental.callback import Callback
 from nanlab.record import RECORD_NAME, STATUSES, read_record
 from nanlab.sweep.slurm import SLURM_JOBS
 
-OUTCOMES = (*STATUSES, "skipped")       # ok, ..., interrupted, error, skipped
-STYLE = {"ok": "green", "stalled": "cyan", "nonfinite": "bold red", "diverged": "yellow",
-         "interrupted": "blue", "error": "magenta", "skipped": "dim"}
+OUTCOMES = (*STATUSES, "skipped")  # ok, ..., interrupted, error, skipped
+STYLE = {
+    "ok": "green",
+    "stalled": "cyan",
+    "nonfinite": "bold red",
+    "diverged": "yellow",
+    "interrupted": "blue",
+    "error": "magenta",
+    "skipped": "dim",
+}
 PROGRESS_DIR = ".progress"
 # this process's sweep callback (the submitting one): the SLURM launcher tells it about cells
 # whose worker could not report itself
@@ -60,15 +68,16 @@ def grid_size(config: Any) -> int | None:
         sweeper = config.hydra.sweeper
         if sweeper.get("n_trials"):
             return int(sweeper.get("n_trials"))
-        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
         from hydra.core.override_parser.overrides_parser import OverridesParser
         from hydra.utils import get_class
         from omegaconf import OmegaConf
 
-        cls = get_class(str(sweeper.get("_target_", "")))
-        if not issubclass(cls, BasicSweeper):
+        cls: Any = get_class(str(sweeper.get("_target_", "")))
+        from nanlab.sweep.basic import basic_sweeper
+
+        if not issubclass(cls, basic_sweeper()):
             return None
-        kwargs = OmegaConf.to_container(sweeper, resolve=True)
+        kwargs = dict(OmegaConf.to_container(sweeper, resolve=True))  # type: ignore[arg-type]
         kwargs.pop("_target_", None)
         params = sweeper.get("params") or {}
         args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
@@ -90,8 +99,8 @@ def job_outcome(config: Any, job_return: Any) -> str:
         return value
     out = _select(config, "hydra.runtime.output_dir", "")
     try:
-        status = json.loads((Path(str(out)) / RECORD_NAME).read_text()).get("status") if out else None
-    except (OSError, ValueError, AttributeError):
+        status = read_record(Path(str(out)) / RECORD_NAME).status if out else None
+    except (OSError, ValueError, AttributeError, TypeError):
         status = None
     return status if status in OUTCOMES else "error"
 
@@ -100,8 +109,11 @@ def cell_brief(config: Any, status: str) -> str:
     """What a cell ran and how it ended, in a few words, from its overrides and record:
     the sweep's one line per cell (the job itself prints nothing in a multirun)."""
     try:
-        task = [o for o in _select(config, "hydra.overrides.task", []) or []
-                if not str(o).startswith(("hydra.", "experiment="))]
+        task = [
+            o
+            for o in _select(config, "hydra.overrides.task", []) or []
+            if not str(o).startswith(("hydra.", "experiment="))
+        ]
         out = _select(config, "hydra.runtime.output_dir", "")
         why = read_record(Path(str(out)) / RECORD_NAME).brief() if status != "skipped" else ""
     except (OSError, ValueError, TypeError):
@@ -127,8 +139,15 @@ def eta(elapsed: float, done: int, skipped: int, total: int | None) -> float | N
     return elapsed / trained * max(total - done, 0)
 
 
-def progress_line(done: int, total: int | None, counts: dict[str, int], elapsed: float | None,
-                  left: float | None, markup: bool = True, slurm: str = "") -> str:
+def progress_line(
+    done: int,
+    total: int | None,
+    counts: dict[str, int],
+    elapsed: float | None,
+    left: float | None,
+    markup: bool = True,
+    slurm: str = "",
+) -> str:
     """`sweep 3/8 (38%) │ ok 2 · nonfinite 1 · … │ 1m02s elapsed, ~1m40s left`; with SLURM,
     the tasks' states before the time: `│ slurm 41: pending 2 · running 2 · completed 4`"""
     of = f"/{total} ({100 * done / total:.0f}%)" if total else ""
@@ -138,8 +157,11 @@ def progress_line(done: int, total: int | None, counts: dict[str, int], elapsed:
     elif left is not None:
         when += f", ~{fmt_duration(left)} left"
     head = f"[bold]sweep {done}{of}[/]" if markup else f"sweep {done}{of}"
-    return (f"{head} │ {counts_text(counts, markup)}" + (f" │ {slurm}" if slurm else "")
-            + (f" │ {when}" if when else ""))
+    return (
+        f"{head} │ {counts_text(counts, markup)}"
+        + (f" │ {slurm}" if slurm else "")
+        + (f" │ {when}" if when else "")
+    )
 
 
 def counts_text(counts: dict[str, int], markup: bool = True) -> str:
@@ -172,8 +194,9 @@ class SweepProgress(Callback):
     process only waits, so there a thread polls the markers every `poll_s` seconds and prints
     a line when the count changes (0 turns it off)."""
 
-    def __init__(self, enabled: bool = True, keep_markers: bool = False,
-                 poll_s: float = 15.0) -> None:
+    def __init__(
+        self, enabled: bool = True, keep_markers: bool = False, poll_s: float = 15.0
+    ) -> None:
         self.enabled = enabled
         self.keep_markers = keep_markers
         self.poll_s = poll_s
@@ -182,9 +205,9 @@ class SweepProgress(Callback):
         self.sweep_dir: Path | None = None
         self.session: str | None = None
         self.launcher = ""
-        self.seen: dict[int, dict] = {}     # what this process saw: job num -> marker
+        self.seen: dict[int, dict] = {}  # what this process saw: job num -> marker
         self._job_t0: float | None = None
-        self._stop: threading.Event | None = None      # the submitit poller, this process only
+        self._stop: threading.Event | None = None  # the submitit poller, this process only
 
     def __getstate__(self) -> dict:
         # the launcher pickles this object into every job: no thread, no event
@@ -212,8 +235,9 @@ class SweepProgress(Callback):
             print_markup(f"[bold]sweep:[/] {cells} → {self.sweep_dir} ({self.launcher})")
             if ("submitit" in target or "slurm" in target.lower()) and self.poll_s > 0:
                 self._stop = threading.Event()
-                threading.Thread(target=self._poll, args=(self._stop,), daemon=True,
-                                 name="sweep-progress").start()
+                threading.Thread(
+                    target=self._poll, args=(self._stop,), daemon=True, name="sweep-progress"
+                ).start()
         except Exception as e:  # noqa: BLE001
             _warn("on_multirun_start", e)
 
@@ -276,23 +300,29 @@ class SweepProgress(Callback):
             of = f"{done}/{self.total}" if self.total is not None else f"{done}"
             took = f" in {fmt_duration(elapsed)}" if elapsed is not None else ""
             sweep_dir = self.sweep_dir or Path(str(_select(config, "hydra.sweep.dir", ".")))
-            lines = [f"{of} cells{took}", counts_text(counts),
-                     f"records: {sweep_dir}", f"report:  python -m src.report {sweep_dir}"]
+            lines = [
+                f"{of} cells{took}",
+                counts_text(counts),
+                f"records: {sweep_dir}",
+                f"report:  python -m src.report {sweep_dir}",
+            ]
             if SLURM_JOBS:
                 lines.insert(2, SLURM_JOBS.summary(final=True))
             try:
                 from rich.console import Console
                 from rich.panel import Panel
 
-                Console(highlight=False).print(Panel("\n".join(lines), title="sweep done",
-                                                     expand=False))
+                Console(highlight=False).print(
+                    Panel("\n".join(lines), title="sweep done", expand=False)
+                )
             except Exception:  # noqa: BLE001
                 print_markup("sweep done: " + "; ".join(lines))
             ACTIVE_PROGRESS.clear()
-            if not self.keep_markers and self._session_dir() is not None:
-                shutil.rmtree(self._session_dir(), ignore_errors=True)
+            session_dir = self._session_dir()
+            if not self.keep_markers and session_dir is not None:
+                shutil.rmtree(session_dir, ignore_errors=True)
                 try:
-                    self._session_dir().parent.rmdir()   # only when no other session is left
+                    session_dir.parent.rmdir()  # only when no other session is left
                 except OSError:
                     pass
         except Exception as e:  # noqa: BLE001
@@ -307,7 +337,7 @@ class SweepProgress(Callback):
 
     def _write_marker(self, config: Any, marker: dict) -> None:
         folder = self._session_dir()
-        if folder is None:      # on_multirun_start did not run for this object
+        if folder is None:  # on_multirun_start did not run for this object
             return
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -315,7 +345,7 @@ class SweepProgress(Callback):
             tmp.write_text(json.dumps(marker))
             os.replace(tmp, folder / f"{marker['num']}.json")
         except OSError:
-            pass                # read-only or vanished: fall back to what this process saw
+            pass  # read-only or vanished: fall back to what this process saw
 
     def _markers(self) -> dict[int, dict]:
         found = dict(self.seen)
@@ -357,4 +387,3 @@ def _is_multirun(config: Any) -> bool:
 
 def _warn(hook: str, e: Exception) -> None:
     print(f"warning: sweep progress ({hook}): {type(e).__name__}: {e}", file=sys.stderr)
-

@@ -3,10 +3,11 @@ accounting database, and the tasks of this process's sweep.
 
 Used by the SLURM launcher (hydra_plugins/nanlab/slurm_launcher.py: `hydra/launcher=slurm`,
 `slurm_local`), which submits the cells and registers their tasks in `SLURM_JOBS`, and by the
-progress callback (src/sweep.py), which shows their states in its progress line and summary
+progress callback (nanlab/sweep/progress.py), which shows their states in its progress line and summary
 (`slurm 41: pending 2 · running 2 · completed 4`). Plain Python: submitit is imported only
 when a SLURM sweep polls its first state.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,23 +22,65 @@ log = logging.getLogger(__name__)
 
 # SLURM's job states (squeue --Format=State, sacct -o State), as the progress line names them
 SLURM_STATE_NAMES = {
-    "PENDING": "pending", "CONFIGURING": "pending", "REQUEUED": "requeued",
-    "REQUEUE_HOLD": "requeued", "REQUEUE_FED": "requeued", "RESIZING": "running",
-    "RUNNING": "running", "COMPLETING": "completing", "STAGE_OUT": "completing",
-    "SUSPENDED": "suspended", "STOPPED": "suspended", "SIGNALING": "running",
-    "COMPLETED": "completed", "TIMEOUT": "timeout", "CANCELLED": "cancelled",
-    "FAILED": "failed", "NODE_FAIL": "node_fail", "OUT_OF_MEMORY": "out_of_memory",
-    "PREEMPTED": "preempted", "BOOT_FAIL": "boot_fail", "DEADLINE": "deadline",
-    "REVOKED": "revoked", "SPECIAL_EXIT": "special_exit",
+    "PENDING": "pending",
+    "CONFIGURING": "pending",
+    "REQUEUED": "requeued",
+    "REQUEUE_HOLD": "requeued",
+    "REQUEUE_FED": "requeued",
+    "RESIZING": "running",
+    "RUNNING": "running",
+    "COMPLETING": "completing",
+    "STAGE_OUT": "completing",
+    "SUSPENDED": "suspended",
+    "STOPPED": "suspended",
+    "SIGNALING": "running",
+    "COMPLETED": "completed",
+    "TIMEOUT": "timeout",
+    "CANCELLED": "cancelled",
+    "FAILED": "failed",
+    "NODE_FAIL": "node_fail",
+    "OUT_OF_MEMORY": "out_of_memory",
+    "PREEMPTED": "preempted",
+    "BOOT_FAIL": "boot_fail",
+    "DEADLINE": "deadline",
+    "REVOKED": "revoked",
+    "SPECIAL_EXIT": "special_exit",
 }
 # in display order; `gone`: no longer known to squeue (finished longer than MinJobAge ago)
-SLURM_ORDER = ("pending", "requeued", "running", "completing", "suspended", "completed",
-               "timeout", "cancelled", "failed", "out_of_memory", "node_fail", "preempted",
-               "boot_fail", "deadline", "revoked", "special_exit", "gone", "unknown")
+SLURM_ORDER = (
+    "pending",
+    "requeued",
+    "running",
+    "completing",
+    "suspended",
+    "completed",
+    "timeout",
+    "cancelled",
+    "failed",
+    "out_of_memory",
+    "node_fail",
+    "preempted",
+    "boot_fail",
+    "deadline",
+    "revoked",
+    "special_exit",
+    "gone",
+    "unknown",
+)
 # ended, and not by finishing: a task in one of these wrote no result (src.train stops with
 # SystemExit after writing an `interrupted` record), so waiting for one is pointless
-ENDED_EARLY = {"timeout", "cancelled", "failed", "out_of_memory", "node_fail", "preempted",
-               "boot_fail", "deadline", "revoked", "gone"}
+ENDED_EARLY = {
+    "timeout",
+    "cancelled",
+    "failed",
+    "out_of_memory",
+    "node_fail",
+    "preempted",
+    "boot_fail",
+    "deadline",
+    "revoked",
+    "gone",
+}
 
 
 def slurm_state(raw: str | None) -> str:
@@ -53,8 +96,13 @@ def accounting_works() -> bool:
     """Whether sacct answers here (it needs slurmdbd; a cluster without it says
     `Slurm accounting storage is disabled` and exits 1)."""
     try:
-        proc = subprocess.run(["sacct", "--noheader", "-X", "-j", "1", "-o", "JobID"],
-                              capture_output=True, text=True, timeout=30, check=False)
+        proc = subprocess.run(
+            ["sacct", "--noheader", "-X", "-j", "1", "-o", "JobID"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return False
     return proc.returncode == 0
@@ -68,11 +116,15 @@ def squeue_info(text: str, wanted: set[str]) -> dict[str, dict[str, str]]:
     for line in text.splitlines():
         cols = [c.strip() for c in line.split("|")]
         if len(cols) < 3 or not cols[0] or not cols[0][0].isdigit():
-            continue                                 # the header, or an empty line
+            continue  # the header, or an empty line
         job_id = cols[0]
         if job_id.split("_")[0] in wanted:
-            info[job_id] = {"JobID": job_id, "State": cols[1], "RestartCnt": cols[2],
-                            "NodeList": cols[3] if len(cols) > 3 else ""}
+            info[job_id] = {
+                "JobID": job_id,
+                "State": cols[1],
+                "RestartCnt": cols[2],
+                "NodeList": cols[3] if len(cols) > 3 else "",
+            }
     return info
 
 
@@ -84,8 +136,8 @@ def make_watcher() -> Any:
     class SlurmStates(SlurmInfoWatcher):
         def __init__(self, delay_s: int = 30) -> None:
             super().__init__(delay_s=delay_s)
-            self.source: str | None = None       # "sacct" or "squeue", decided on first use
-            self.restarts: dict[str, int] = {}   # job id -> times SLURM requeued it
+            self.source: str | None = None  # "sacct" or "squeue", decided on first use
+            self.restarts: dict[str, int] = {}  # job id -> times SLURM requeued it
             self._was_running: set[str] = set()
 
         def _make_command(self) -> list[str] | None:
@@ -98,8 +150,13 @@ def make_watcher() -> Any:
             if self.source == "sacct":
                 return super()._make_command()
             # no --jobs: squeue fails on an id it has purged; one call for all of ours
-            return ["squeue", "--array", "--states=all", f"--user={_user()}",
-                    "--Format=JobArrayID:|,State:|,RestartCnt:|,NodeList:|"]
+            return [
+                "squeue",
+                "--array",
+                "--states=all",
+                f"--user={_user()}",
+                "--Format=JobArrayID:|,State:|,RestartCnt:|,NodeList:|",
+            ]
 
         def read_info(self, string: bytes | str) -> dict[str, dict[str, str]]:
             if self.source != "squeue":
@@ -108,7 +165,7 @@ def make_watcher() -> Any:
                 text = string.decode() if isinstance(string, bytes) else string
                 pending = self._registered - self._finished
                 info = squeue_info(text, {x.split("_")[0] for x in pending})
-                if text.strip():       # squeue answered: what it does not list has ended
+                if text.strip():  # squeue answered: what it does not list has ended
                     for job_id in pending - set(info):
                         info[job_id] = {"JobID": job_id, "State": "GONE"}
             for job_id, row in info.items():
@@ -117,7 +174,7 @@ def make_watcher() -> Any:
                 if state == "running":
                     self._was_running.add(job_id)
                 elif state in ("pending", "requeued") and job_id in self._was_running:
-                    count = max(count, self.restarts.get(job_id, 0) + 1)   # seen requeued
+                    count = max(count, self.restarts.get(job_id, 0) + 1)  # seen requeued
                     self._was_running.discard(job_id)
                 self.restarts[job_id] = max(self.restarts.get(job_id, 0), count)
             return info
@@ -164,8 +221,10 @@ class SlurmTasks:
     def states(self) -> dict[int, str]:
         if self.watcher is None:
             return {}
-        return {num: slurm_state(self.watcher.get_info(job.job_id, mode="cache").get("State"))
-                for num, job in self.jobs.items()}
+        return {
+            num: slurm_state(self.watcher.get_info(job.job_id, mode="cache").get("State"))
+            for num, job in self.jobs.items()
+        }
 
     def requeued(self) -> int:
         if self.watcher is None:
@@ -175,11 +234,12 @@ class SlurmTasks:
     def summary(self, refresh_s: float | None = None, final: bool = False) -> str:
         """`slurm 41: pending 2 · running 2 · completed 4 · requeued 1`"""
         try:
-            if final:           # settle the tasks still completing (a few seconds at most)
+            if final:  # settle the tasks still completing (a few seconds at most)
                 for _ in range(10):
                     self.refresh()
-                    if not any(s in ("running", "completing", "unknown")
-                               for s in self.states().values()):
+                    if not any(
+                        s in ("running", "completing", "unknown") for s in self.states().values()
+                    ):
                         break
                     time.sleep(1)
             elif refresh_s is not None:

@@ -1,4 +1,5 @@
 """`python -m src.report <dirs>`: runs `python -m nanlab.report` (the code lives there)."""
+
 import sys
 
 from nanlab.report.__main__ import main
