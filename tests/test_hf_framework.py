@@ -42,9 +42,14 @@ def lf_python() -> str:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def lf() -> str:
+    return lf_python()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(lf, tmp_path_factory) -> Path:
     """The tiny checkpoint as make hf-example builds it: 5 steps from the tiny base,
-    save.hf=true."""
+    save.hf=true (after `lf`: no checkpoint to build when the test skips)."""
     out = tmp_path_factory.mktemp("checkpoint")
     rec = run(compose_spec("save.hf=true", "max_steps=5", "logger=none",
                            "serve.enabled=false"), out)
@@ -52,8 +57,7 @@ def checkpoint(tmp_path_factory) -> Path:
     return out / "hf"
 
 
-def llamafactory(checkpoint: Path, out: Path, *flags: str):
-    py = lf_python()
+def llamafactory(py: str, checkpoint: Path, out: Path, *flags: str):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([py, "-m", "experiments.hf_framework", str(checkpoint), str(out),
                            *flags], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -62,12 +66,12 @@ def llamafactory(checkpoint: Path, out: Path, *flags: str):
     return read_record(out / "record.json"), done.stdout
 
 
-def test_planted_masked_rows_in_llamafactory_gets_nanlabs_record(checkpoint, tmp_path):
+def test_planted_masked_rows_in_llamafactory_gets_nanlabs_record(lf, checkpoint, tmp_path):
     stress = yaml.safe_load((ROOT / "conf" / "stress" / "masked_rows.yaml").read_text())
     ours = run(compose_spec("stress=masked_rows", *stress["baseline"], "max_steps=5",
                             "logger=none", "serve.enabled=false"), tmp_path / "nanlab")
     assert ours.status == "nonfinite" and ours.cause == stress["cause"], ours.verdict()
-    theirs, stdout = llamafactory(checkpoint, tmp_path / "lf")
+    theirs, stdout = llamafactory(lf, checkpoint, tmp_path / "lf")
     assert theirs.trainer == "transformers" and ours.trainer == "nanlab"
     for field in FIELDS:
         assert getattr(theirs, field) == getattr(ours, field), field
@@ -76,9 +80,9 @@ def test_planted_masked_rows_in_llamafactory_gets_nanlabs_record(checkpoint, tmp
     assert f"record: {tmp_path / 'lf' / 'record.json'} (status nonfinite" in stdout
 
 
-def test_its_control_in_llamafactory_stays_finite(checkpoint, tmp_path):
+def test_its_control_in_llamafactory_stays_finite(lf, checkpoint, tmp_path):
     """The same left padding and eager variant with transformers' own mask: no failure, so
     the masked_row above is the summed planes', not LLaMA-Factory's or the monitor's."""
-    rec, _ = llamafactory(checkpoint, tmp_path / "lf", "--control")
+    rec, _ = llamafactory(lf, checkpoint, tmp_path / "lf", "--control")
     assert rec.status in ("ok", "stalled"), rec.verdict()
     assert rec.cause is None and rec.first_bad_step is None and rec.steps_done == 3

@@ -13,6 +13,7 @@ from .advice import advice
 from .cells import OUTCOME_TEXT, OUTCOMES, TEST_FAILS, Cell
 from .frontier import FRONTIER_RULE, Line, fmt_lr, frontier_frame
 from .match import flatten
+from .regime import regime_section
 from .sensitivity import (
     MIN_LRS,
     SENSITIVITY_RULE,
@@ -580,6 +581,7 @@ def render(
         L += mechanism_section(m)
     L += advice_section(lines, rng)
     L += frontier_section(ls, names["frontier"])
+    L += regime_section(df)
     L += sensitivity_section(sens or [], names.get("sensitivity", "lr_sensitivity.png"))
     L += appendix(df, cells, names["map"])
     return "\n".join(L)
