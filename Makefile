@@ -78,3 +78,30 @@ frontier: $(STAMP)  ## the largest stable lr_x per combination by bisection, the
 	$(PY) -m src.train -m experiment=frontier_bisection $(LOCAL_LAUNCHER) \
 	  hydra.sweep.dir=outputs/sweeps/frontier_bisection $(OVERRIDES)
 	$(PY) -m src.report outputs/sweeps/frontier_bisection
+
+# a real framework on top of transformers.Trainer: LLaMA-Factory's SFT entry (run_exp) with
+# NanMonitorCallback in its callbacks and a planted masked_rows failure
+# (experiments/hf_framework.py), on CPU, on the tiny checkpoint. LLaMA-Factory 0.9.5 pins
+# transformers<=5.6 and accelerate<=1.11, so it gets its own environment, .venv-lf (~6 GB,
+# torch with its CUDA wheels), with nanlab imported from the work tree.
+LF_VENV  ?= .venv-lf
+LF_PY    := $(LF_VENV)/bin/python
+LF_STAMP := $(LF_VENV)/.installed
+LF_PINS  ?= llamafactory==0.9.5 transformers==5.6.0 accelerate==1.11.0 peft==0.18.1 trl==0.24.0 \
+            datasets==4.0.0 torch==2.14.1 torchvision==0.29.1
+HF_EXAMPLE_DIR ?= outputs/hf_example
+$(LF_STAMP):
+	$(PYTHON) -m venv $(LF_VENV)
+	$(LF_PY) -m pip install -q --upgrade pip
+	$(LF_PY) -m pip install -q $(LF_PINS)
+	touch $(LF_STAMP)
+
+.PHONY: hf-example
+hf-example: $(STAMP) $(LF_STAMP)  ## LLaMA-Factory's run_exp + NanMonitorCallback, planted masked_rows (CPU, tiny model, ~30 s after the install)
+	rm -rf $(HF_EXAMPLE_DIR)/checkpoint $(HF_EXAMPLE_DIR)/lf
+	$(PY) -m src.train save.hf=true max_steps=5 logger=none serve.enabled=false \
+	  hydra.run.dir=$(HF_EXAMPLE_DIR)/checkpoint
+	PYTHONPATH=. $(LF_PY) -m experiments.hf_framework $(HF_EXAMPLE_DIR)/checkpoint/hf \
+	  $(HF_EXAMPLE_DIR)/lf > $(HF_EXAMPLE_DIR)/lf.log 2>&1 || { tail -n 30 $(HF_EXAMPLE_DIR)/lf.log; exit 1; }
+	@echo "(LLaMA-Factory's log: $(HF_EXAMPLE_DIR)/lf.log)"
+	@sed -n '/^--- nanlab verdict/,$$p' $(HF_EXAMPLE_DIR)/lf.log

@@ -22,10 +22,12 @@ else is LLaMA-Factory's: its argument parser, model loader, template (qwen2_vl),
 pipeline (sharegpt + images, dataset_info.json), collator (mrope position ids, pad to a
 multiple of 8), CustomSeq2SeqTrainer, and accelerate's bf16 autocast on CPU.
 
-Why not fp16_overflow (tried first, with an fp16_overflow checkpoint): on CPU accelerate turns fp16 mixed precision off (native_amp only where device.type !=
-"cpu"), so LLaMA-Factory's fp16=true trains in fp32 and an fp16 overflow cannot fire; bf16
-autocast does run on CPU.
+Why not fp16_overflow (tried first, with an fp16_overflow checkpoint): on CPU accelerate
+turns fp16 mixed precision off (native_amp only where device.type != "cpu"), so
+LLaMA-Factory's fp16=true trains in fp32 and an fp16 overflow cannot fire; bf16 autocast does
+run on CPU (accelerate sets native_amp for bf16 on cpu).
 """
+
 from __future__ import annotations
 
 import json
@@ -50,14 +52,12 @@ class PlantMaskedRows(TrainerCallback):
         self.monitor, self.softmax, self.mask = monitor, softmax, mask
         self.implementation: str | None = None
 
-    def on_train_begin(self, args, state, control, model=None, processing_class=None,
-                       **kwargs):
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         from nanlab.config.specs import SoftmaxSpec
         from nanlab.integrations.hf import _record_from_args
         from nanlab.numerics import attention
 
-        self.implementation = attention.apply(model, SoftmaxSpec(name=self.softmax),
-                                              mask=self.mask)
+        self.implementation = attention.apply(model, SoftmaxSpec(name=self.softmax), mask=self.mask)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         tokenizer.padding_side = "left"
         if self.monitor is not None and self.monitor.record is None:
@@ -91,33 +91,69 @@ def write_dataset(data: Path, n: int = 8) -> str:
         path = data / "images" / f"{i}.png"
         img.save(path)
         answer = f"A {color} {shape}." + " It is alone on a white background." * (i % 3)
-        rows.append({"messages": [{"role": "user", "content": "<image>What is in the image?"},
-                                  {"role": "assistant", "content": answer}],
-                     "images": [str(path)]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": "<image>What is in the image?"},
+                    {"role": "assistant", "content": answer},
+                ],
+                "images": [str(path)],
+            }
+        )
     (data / "shapes.json").write_text(json.dumps(rows, indent=1))
-    (data / "dataset_info.json").write_text(json.dumps({"nan_shapes": {
-        "file_name": "shapes.json", "formatting": "sharegpt",
-        "columns": {"messages": "messages", "images": "images"},
-        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                 "assistant_tag": "assistant"}}}, indent=1))
+    (data / "dataset_info.json").write_text(
+        json.dumps(
+            {
+                "nan_shapes": {
+                    "file_name": "shapes.json",
+                    "formatting": "sharegpt",
+                    "columns": {"messages": "messages", "images": "images"},
+                    "tags": {
+                        "role_tag": "role",
+                        "content_tag": "content",
+                        "user_tag": "user",
+                        "assistant_tag": "assistant",
+                    },
+                }
+            },
+            indent=1,
+        )
+    )
     return "nan_shapes"
 
 
 def lf_args(checkpoint, out: Path, dataset: str, steps: int = 3, bf16: bool = True) -> dict:
     """LLaMA-Factory's SFT arguments (what a user's YAML holds), for CPU."""
-    return {"stage": "sft", "do_train": True, "model_name_or_path": str(checkpoint),
-            "dataset": dataset, "dataset_dir": str(out / "data"), "template": "qwen2_vl",
-            "finetuning_type": "full", "output_dir": str(out / "lf"),
-            "overwrite_output_dir": True, "per_device_train_batch_size": 2,
-            "max_steps": steps, "learning_rate": 1e-4, "logging_steps": 1,
-            "save_strategy": "no", "report_to": "none", "cutoff_len": 512,
-            "image_max_pixels": 112 * 112, "bf16": bf16, "use_cpu": True,
-            "preprocessing_num_workers": 1, "dataloader_num_workers": 0,
-            "overwrite_cache": True, "trust_remote_code": True}
+    return {
+        "stage": "sft",
+        "do_train": True,
+        "model_name_or_path": str(checkpoint),
+        "dataset": dataset,
+        "dataset_dir": str(out / "data"),
+        "template": "qwen2_vl",
+        "finetuning_type": "full",
+        "output_dir": str(out / "lf"),
+        "overwrite_output_dir": True,
+        "per_device_train_batch_size": 2,
+        "max_steps": steps,
+        "learning_rate": 1e-4,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "cutoff_len": 512,
+        "image_max_pixels": 112 * 112,
+        "bf16": bf16,
+        "use_cpu": True,
+        "preprocessing_num_workers": 1,
+        "dataloader_num_workers": 0,
+        "overwrite_cache": True,
+        "trust_remote_code": True,
+    }
 
 
-def llamafactory_example(checkpoint, out_dir, steps: int = 3, mask: str | None = "summed_planes",
-                         bf16: bool = True):
+def llamafactory_example(
+    checkpoint, out_dir, steps: int = 3, mask: str | None = "summed_planes", bf16: bool = True
+):
     """LLaMA-Factory's real SFT entry (`llamafactory.train.tuner.run_exp`) with the monitor
     in its callbacks, and PlantMaskedRows(mask=`mask`) before it (None: nothing planted,
     LLaMA-Factory as it comes). Returns the callback (its `final` record and `verdict`)."""
@@ -137,11 +173,14 @@ def llamafactory_example(checkpoint, out_dir, steps: int = 3, mask: str | None =
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) < 2:
-        print("usage: python -m experiments.hf_framework CHECKPOINT OUT_DIR "
-              "[--control | --no-plant]", file=sys.stderr)
+        print(
+            "usage: python -m experiments.hf_framework CHECKPOINT OUT_DIR [--control | --no-plant]",
+            file=sys.stderr,
+        )
         return 2
-    mask = ("transformers" if "--control" in argv else None if "--no-plant" in argv
-            else "summed_planes")
+    mask = (
+        "transformers" if "--control" in argv else None if "--no-plant" in argv else "summed_planes"
+    )
     monitor = llamafactory_example(argv[0], argv[1], mask=mask)
     rec = monitor.final
     print("\n--- nanlab verdict (NanMonitorCallback in LLaMA-Factory's run_exp) ---")

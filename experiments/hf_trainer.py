@@ -24,14 +24,21 @@ construction wherever it can be:
 Not equal by construction: Trainer clips before callbacks see the gradients, so with
 clip > 0 the non-finite gradient fraction is measured after clipping (see hf.py).
 """
+
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 
-def train(overrides: list[str], out_dir, callbacks=(), report_to: str = "none",
-          verbose: bool = True, monitor: bool = True):
+def train(
+    overrides: list[str],
+    out_dir,
+    callbacks=(),
+    report_to: str = "none",
+    verbose: bool = True,
+    monitor: bool = True,
+):
     """Train the cell of `overrides` with transformers.Trainer; returns (record, callback)
     ((None, None) with `monitor` off: the same Trainer without the callback, for
     experiments/bench_hf.py)."""
@@ -59,19 +66,26 @@ def train(overrides: list[str], out_dir, callbacks=(), report_to: str = "none",
     made: dict = {}
 
     def first_batch(parts):  # as the runner: a weight-level mechanism calibrates on it
-        data = made["data"] = NanDataModule(spec.data, parts.processor, spec.batch_size,
-                                            spec.seed)
+        data = made["data"] = NanDataModule(spec.data, parts.processor, spec.batch_size, spec.seed)
         data.setup("fit")
         batch = next(iter(data.train_dataloader()))
         return parts.batch_transform(batch, 0) if parts.batch_transform else batch
 
-    parts = build_parts(spec.model, spec.data, spec.softmax, spec.stress, spec.precision,
-                        spec.seed, device, first_batch)
-    data = made.get("data") or NanDataModule(spec.data, parts.processor, spec.batch_size,
-                                             spec.seed)
+    parts = build_parts(
+        spec.model,
+        spec.data,
+        spec.softmax,
+        spec.stress,
+        spec.precision,
+        spec.seed,
+        device,
+        first_batch,
+    )
+    data = made.get("data") or NanDataModule(spec.data, parts.processor, spec.batch_size, spec.seed)
     data.setup("fit")
-    module = NanLabModule(parts.model, spec.optim, stress.lr_multiplier(spec.stress),
-                          parts.batch_transform)
+    module = NanLabModule(
+        parts.model, spec.optim, stress.lr_multiplier(spec.stress), parts.batch_transform
+    )
     model = parts.model.to(device)
     conf = module.configure_optimizers()
     optimizer, scheduler = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
@@ -103,21 +117,42 @@ def train(overrides: list[str], out_dir, callbacks=(), report_to: str = "none",
     record = base_record(spec, out_dir)
     record.half_gemm = parts.half_gemm
     use_monitor = monitor
-    monitor = NanMonitorCallback(out_dir=out_dir, record=record, spec=spec.monitor,
-                                 on_failure="skip_step" if spec.guard.name == "skip_step"
-                                 else "stop", plugin=plugin, compute_loss=compute_loss,
-                                 verbose=verbose)
+    monitor = NanMonitorCallback(
+        out_dir=out_dir,
+        record=record,
+        spec=spec.monitor,
+        on_failure="skip_step" if spec.guard.name == "skip_step" else "stop",
+        plugin=plugin,
+        compute_loss=compute_loss,
+        verbose=verbose,
+    )
     args = TrainingArguments(
-        output_dir=str(out_dir / "trainer"), max_steps=spec.optim.max_steps,
-        per_device_train_batch_size=spec.batch_size, learning_rate=spec.optim.lr,
-        max_grad_norm=spec.optim.clip, seed=spec.seed, data_seed=spec.seed,
-        use_cpu=device == "cpu", report_to=report_to, logging_steps=1, save_strategy="no",
-        eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-        dataloader_drop_last=True, dataloader_pin_memory=False, remove_unused_columns=False)
+        output_dir=str(out_dir / "trainer"),
+        max_steps=spec.optim.max_steps,
+        per_device_train_batch_size=spec.batch_size,
+        learning_rate=spec.optim.lr,
+        max_grad_norm=spec.optim.clip,
+        seed=spec.seed,
+        data_seed=spec.seed,
+        use_cpu=device == "cpu",
+        report_to=report_to,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_drop_last=True,
+        dataloader_pin_memory=False,
+        remove_unused_columns=False,
+    )
     trainer = CellTrainer(
-        model=model, args=args, train_dataset=data.train, data_collator=data.collate,
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        data_collator=data.collate,
         optimizers=(optimizer, scheduler),
-        callbacks=[monitor, *callbacks] if use_monitor else list(callbacks))
+        callbacks=[monitor, *callbacks] if use_monitor else list(callbacks),
+    )
     trainer.model_accepts_loss_kwargs = False  # compute_loss's mean is per batch
     if not verbose:
         trainer.remove_callback(PrinterCallback)
@@ -133,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     out = next((a.split("=", 1)[1] for a in argv if a.startswith("output_dir=")), None)
     if out is None:
-        print("usage: python -m experiments.hf_trainer <overrides> output_dir=DIR",
-              file=sys.stderr)
+        print("usage: python -m experiments.hf_trainer <overrides> output_dir=DIR", file=sys.stderr)
         return 2
     overrides = [a for a in argv if not a.startswith("output_dir=")]
     rec, _ = train(overrides, out)

@@ -7,6 +7,7 @@ transformers' own mask) stays finite.
 LLaMA-Factory 0.9.5 pins transformers<=5.6, so it runs in its own environment: the python
 in NANLAB_LF_PYTHON, else .venv-lf (`make hf-example` creates it); the test skips, saying
 why, when neither is there."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,17 @@ from nanlab.run.runner import run
 
 pytestmark = pytest.mark.slow
 
-FIELDS = ("status", "first_bad_step", "phase", "module", "dtype", "cause", "replay_agrees",
-          "precision", "stress")
+FIELDS = (
+    "status",
+    "first_bad_step",
+    "phase",
+    "module",
+    "dtype",
+    "cause",
+    "replay_agrees",
+    "precision",
+    "stress",
+)
 
 
 def lf_python() -> str:
@@ -34,8 +44,10 @@ def lf_python() -> str:
         return given
     venv = ROOT / ".venv-lf"
     if not (venv / "bin" / "python").exists():
-        pytest.skip("no LLaMA-Factory environment: .venv-lf is missing (make hf-example "
-                    "creates it) and NANLAB_LF_PYTHON is not set")
+        pytest.skip(
+            "no LLaMA-Factory environment: .venv-lf is missing (make hf-example "
+            "creates it) and NANLAB_LF_PYTHON is not set"
+        )
     if not (venv / ".installed").exists():
         pytest.skip(".venv-lf is incomplete (no .installed stamp): rerun make hf-example")
     return str(venv / "bin" / "python")
@@ -51,25 +63,40 @@ def checkpoint(lf, tmp_path_factory) -> Path:
     """The tiny checkpoint as make hf-example builds it: 5 steps from the tiny base,
     save.hf=true (after `lf`: no checkpoint to build when the test skips)."""
     out = tmp_path_factory.mktemp("checkpoint")
-    rec = run(compose_spec("save.hf=true", "max_steps=5", "logger=none",
-                           "serve.enabled=false"), out)
+    rec = run(
+        compose_spec("save.hf=true", "max_steps=5", "logger=none", "serve.enabled=false"), out
+    )
     assert rec.status == "ok", rec.verdict()
     return out / "hf"
 
 
 def llamafactory(py: str, checkpoint: Path, out: Path, *flags: str):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([py, "-m", "experiments.hf_framework", str(checkpoint), str(out),
-                           *flags], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [py, "-m", "experiments.hf_framework", str(checkpoint), str(out), *flags],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return read_record(out / "record.json"), done.stdout
 
 
 def test_planted_masked_rows_in_llamafactory_gets_nanlabs_record(lf, checkpoint, tmp_path):
     stress = yaml.safe_load((ROOT / "conf" / "stress" / "masked_rows.yaml").read_text())
-    ours = run(compose_spec("stress=masked_rows", *stress["baseline"], "max_steps=5",
-                            "logger=none", "serve.enabled=false"), tmp_path / "nanlab")
+    ours = run(
+        compose_spec(
+            "stress=masked_rows",
+            *stress["baseline"],
+            "max_steps=5",
+            "logger=none",
+            "serve.enabled=false",
+        ),
+        tmp_path / "nanlab",
+    )
     assert ours.status == "nonfinite" and ours.cause == stress["cause"], ours.verdict()
     theirs, stdout = llamafactory(lf, checkpoint, tmp_path / "lf")
     assert theirs.trainer == "transformers" and ours.trainer == "nanlab"

@@ -25,8 +25,24 @@ def test_only_counted_fixes_are_in_it():
     }
     assert {"softmax=sdpa", "data.padding_side=right"} <= masked
     assert "precision=fp32" not in masked and "lr_x=0.1" not in masked  # no_effect on the map
-    # a mechanism with two causes gives both
-    assert any(r["cause"] == "exp_underflow" for r in rows)
+    # a mechanism that does not count (logit_growth: its control fails too) gives no row
+    assert not any(r["cause"] in ("exp_overflow", "exp_underflow") for r in rows)
+
+
+def test_a_mechanism_with_two_causes_gives_both(tmp_path):
+    import csv
+
+    with open(VERDICTS, newline="") as f:
+        reader = csv.DictReader(f)
+        names, rows = reader.fieldnames, list(reader)
+    row = {**rows[0], "cause": "exp_overflow or exp_underflow", "measured": "fixes",
+           "counts": "True"}
+    with open(tmp_path / "v.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=names)
+        w.writeheader()
+        w.writerow(row)
+    assert {r["cause"] for r in fixes.rows_from_verdicts(tmp_path / "v.csv")} == {
+        "exp_overflow", "exp_underflow"}
 
 
 def test_verdicts_end_with_what_the_map_measured():

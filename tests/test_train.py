@@ -87,8 +87,8 @@ def wandb_records(path):
 @pytest.mark.slow
 def test_wandb_offline_one_run_dir_per_job_with_outcome_summary(tmp_path):
     sweep = tmp_path / "sweep"
-    # a 100-column terminal: at 80 (no terminal) the closing panel wraps its counts line
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", COLUMNS="100")
+    # 80 columns, as a pipe has: the closing panel is as wide as its longest line, no wrap
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", COLUMNS="80")
     out = subprocess.run(
         [
             sys.executable,

@@ -421,9 +421,13 @@ def _record_from_args(args, model) -> Record:
     import transformers
 
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", "") or type(model).__name__
+    # the attention implementation the model runs (sdpa, eager, ...), as src.train's softmax
+    softmax = str(getattr(config, "_attn_implementation", "") or "")
     return Record(
         precision=precision,
+        softmax=softmax,
         lr=float(args.learning_rate),
         warmup_steps=int(args.warmup_steps or 0),
         clip=float(args.max_grad_norm or 0),

@@ -168,7 +168,7 @@ def draw_matrix(mechs: list[Mechanism], path: str | os.PathLike):
     """mitigation x mechanism (a mitigation a row, grouped by its advice: the seed's advice,
     then beyond the seed; a mechanism a column): colour = measured effect, label = effect +
     k/n seeds ok; a black border and a red "!" where the measurement disagrees with the
-    prediction; hatched where the pair does not count (baseline or positive control failed);
+    prediction; hatched where the pair does not count (baseline, control or positive control failed);
     a band in TEST_FAILS_COLOR on the left where the cell was finite in training but
     non-finite at test time (the baseline's too, by the column header). Columns judged at
     test time say so, and their label counts seeds served finite. A mitigation a row keeps
@@ -473,7 +473,7 @@ def _matrix_legend() -> list:
             edgecolor="#707070",
             hatch="////",
             alpha=0.55,
-            label="does not count (baseline / positive control failed)",
+            label="does not count (baseline / control / positive control failed)",
         ),
     ]
 
@@ -547,7 +547,7 @@ def draw_frontier(lines: list[Line], path: str | os.PathLike):
         title="precision · softmax",
         title_fontsize=8,
     )
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # long mitigation labels: grow, do not cut
     return fig
 
 

@@ -26,7 +26,8 @@ SOFTMAX_ORDER = ("sdpa", "eager", "naive", "stable", "safe", "zeroed", "softcap"
 LR_KEYS = ("lr", "lr_x")
 
 FRONTIER_RULE = (
-    "Core cells (stress=none), per precision × softmax: `max_ok` is the largest lr_x at "
+    "Core cells (stress=none, run at two lr_x or more: a mechanism's control at its one lr_x "
+    "is not a line), per precision × softmax: `max_ok` is the largest lr_x at "
     "which every seed was ok (finite and trained), `min_failed` the smallest at which any "
     "seed went non-finite or diverged; `monotone` is false when a failure comes at or below "
     "a clean lr_x. lr_x is the lr as a multiple of the model's reference lr (`lr` is used "
@@ -89,6 +90,8 @@ def lines(cells: list[Cell]) -> list[Line]:
         groups.setdefault(key + c.precision + c.softmax, []).append(c)
     out = []
     for g in groups.values():
+        if len({c.lr_x if c.lr_x is not None else c.lr for c in g}) < 2:
+            continue  # one lr (a mechanism's control, run at its baseline's lr) is no frontier
         c0 = g[0]
         axis = "lr_x" if all(c.lr_x is not None for c in g) else "lr"
         ctx = " ".join(f"{k}={get(c0.config, k)}" for k in differing_keys(common, _rest(c0.config)))

@@ -312,7 +312,10 @@ class SweepProgress(Callback):
                 from rich.console import Console
                 from rich.panel import Panel
 
-                Console(highlight=False).print(
+                # wide enough for its longest line: a panel wrapped at a pipe's 80 columns
+                # prints a line twice as long as the summary is
+                width = max(len(line) for line in lines) + 4
+                Console(highlight=False, width=max(width, 80)).print(
                     Panel("\n".join(lines), title="sweep done", expand=False)
                 )
             except Exception:  # noqa: BLE001
