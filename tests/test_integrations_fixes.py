@@ -35,14 +35,20 @@ def test_a_mechanism_with_two_causes_gives_both(tmp_path):
     with open(VERDICTS, newline="") as f:
         reader = csv.DictReader(f)
         names, rows = reader.fieldnames, list(reader)
-    row = {**rows[0], "cause": "exp_overflow or exp_underflow", "measured": "fixes",
-           "counts": "True"}
+    row = {
+        **rows[0],
+        "cause": "exp_overflow or exp_underflow",
+        "measured": "fixes",
+        "counts": "True",
+    }
     with open(tmp_path / "v.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=names)
         w.writeheader()
         w.writerow(row)
     assert {r["cause"] for r in fixes.rows_from_verdicts(tmp_path / "v.csv")} == {
-        "exp_overflow", "exp_underflow"}
+        "exp_overflow",
+        "exp_underflow",
+    }
 
 
 def test_verdicts_end_with_what_the_map_measured():
