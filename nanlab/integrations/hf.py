@@ -392,11 +392,12 @@ class NanMonitorCallback(TrainerCallback):
         if rec.status in ("nonfinite", "diverged") and not self.alerted:
             self.alerted = True
             # alert and AlertLevel are absent from wandb's type stubs
+            error = wandb.AlertLevel.ERROR  # type: ignore[attr-defined]
             wandb.alert(  # type: ignore[attr-defined]
                 title=f"nanlab: {rec.status} at step {rec.first_bad_step}",
                 text=self.verdict[:1000],
-                level=wandb.AlertLevel.ERROR,
-            )  # type: ignore[attr-defined]
+                level=error,
+            )
 
 
 class _NoLogger:  # SampledAttention.close logs to trainer.loggers: the Trainer logs itself
