@@ -346,7 +346,15 @@ def test_smoke_grid_through_slurm_matches_the_local_launcher(slurm, tmp_path):
 # cells with a 1-min limit, SLURM's shortest. Cell 0 trains 4 steps; cell 1 trains 20 steps
 # and SLURM requeues it while it runs (what preemption does); cell 2 would train 100000 steps
 # and hits the time limit.
-PREEMPTION = [*QUIET, "max_steps=4,20,100000", "hydra.launcher.timeout_min=1"]
+# cell 2 must still be training when its minute runs out: a lower lr and no divergence
+# verdict keep it from ending early (fused AdamW made its steps fast enough to diverge first)
+PREEMPTION = [
+    *(o for o in QUIET if not o.startswith("lr=")),
+    "lr=1e-4",
+    "max_steps=4,20,100000",
+    "hydra.launcher.timeout_min=1",
+    "monitor.diverge_factor=1e6",
+]
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=".*on_after_batch_transfer.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 warnings.filterwarnings("ignore", message=".*litlogger.*")
+# where SLURM is installed, Lightning says on every Trainer that `srun` is available (twice):
+# a run here is one process; SLURM sweeps launch through submitit, not srun
+warnings.filterwarnings("ignore", message=".*`srun` command is available.*")
 warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
 
 
