@@ -16,7 +16,7 @@ from pathlib import Path
 
 import nanlab  # noqa: F401  (sets the offline environment before anything else loads)
 from nanlab.config.compose import CONF_DIR, spec_from_config, validate_cli
-from nanlab.record import Record, find_done, write_record
+from nanlab.record import RECORD_NAME, Record, find_done, read_record, write_record
 
 LAST_STATUS: list[str] = []
 
@@ -37,11 +37,30 @@ def hydra_job(cfg) -> str:
     try:
         return _job(cfg, hc, run_dir, overrides)
     except Interrupted as e:  # before run() took over: still one record, then stop
-        write_record(
-            Record(status="interrupted", signal=str(e), overrides=overrides, run_dir=str(run_dir)),
-            run_dir,
-        )
+        if not _recorded_this_attempt(run_dir):  # a second SIGTERM after run() wrote its own
+            write_record(
+                Record(
+                    status="interrupted", signal=str(e), overrides=overrides, run_dir=str(run_dir)
+                ),
+                run_dir,
+            )
         raise SystemExit(128 + e.signum) from None
+
+
+def _recorded_this_attempt(run_dir: Path) -> bool:
+    """run() already wrote this attempt's record (SLURM sends SIGTERM again while the task
+    winds down: the second one lands here and must not overwrite the full record)."""
+    import os
+
+    path = run_dir / RECORD_NAME
+    if not path.exists():
+        return False
+    try:
+        rec = read_record(path)
+    except (OSError, ValueError, TypeError):
+        return False
+    attempt = int(os.environ.get("SLURM_RESTART_COUNT") or 0) + 1
+    return rec.attempt == attempt and rec.max_steps > 0
 
 
 def _job(cfg, hc, run_dir: Path, overrides: list[str]) -> str:
